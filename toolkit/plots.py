@@ -1,0 +1,104 @@
+"""Figures. Every helper takes ``ax=None`` and returns ``(fig, ax)``; none calls ``plt.show()``."""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+
+def _axes(ax: Axes | None, figsize: tuple[float, float] = (5, 3.5)) -> tuple[Figure, Axes]:
+    try:
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError as err:  # pragma: no cover - matplotlib is a dependency
+        raise ModuleNotFoundError("plots need matplotlib: pip install matplotlib") from err
+    if ax is None:
+        fig, ax = plt.subplots(figsize=figsize)
+        return fig, ax
+    return ax.figure, ax
+
+
+def image_grid(images: Tensor | np.ndarray, *, nrow: int | None = None, pad: int = 1) -> np.ndarray:
+    """Tile images (B, C, H, W) or (B, H, W) into one (rows*H, cols*W[, 3]) array, NaN between tiles."""
+    x = torch.as_tensor(images).detach().float().cpu()
+    if x.dim() == 3:
+        x = x[:, None]
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (B, H, W) or (B, C, H, W) with 1 or 3 channels, got {tuple(x.shape)}")
+    b, c, h, w = x.shape
+    cols = nrow or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / cols)
+    grid = np.full((c, rows * (h + pad) - pad, cols * (w + pad) - pad), np.nan, dtype=np.float32)
+    for i in range(b):
+        r, k = divmod(i, cols)
+        grid[:, r * (h + pad):r * (h + pad) + h, k * (w + pad):k * (w + pad) + w] = x[i].numpy()
+    return grid[0] if c == 1 else grid.transpose(1, 2, 0)
+
+
+def plot_images(images: Tensor | np.ndarray, *, nrow: int | None = None, ax: Axes | None = None,
+                title: str | None = None, cmap: str = "gray", vmin: float | None = 0.0,
+                vmax: float | None = 1.0) -> tuple[Figure, Axes]:
+    """Show a batch of images as one grid (pixels in [0, 1] by default)."""
+    fig, ax = _axes(ax, (6, 6))
+    grid = image_grid(images, nrow=nrow)
+    if grid.ndim == 3:
+        grid = np.nan_to_num(grid, nan=1.0).clip(0, 1)
+    ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    return fig, ax
+
+
+def plot_activations(activations: Tensor, *, sample: int = 0, ax: Axes | None = None,
+                     title: str | None = None) -> tuple[Figure, Axes]:
+    """What crossed the cut: one sample's feature maps (B, C, H, W) as a grid of C images, or a
+    batch of vectors (B, D) as a heat map. Each map is scaled to its own range."""
+    a = torch.as_tensor(activations).detach().float().cpu()
+    if a.dim() == 4:
+        maps = a[sample]  # (C, H, W)
+        lo = maps.amin(dim=(1, 2), keepdim=True)
+        span = (maps.amax(dim=(1, 2), keepdim=True) - lo).clamp(min=1e-12)
+        fig, ax = plot_images((maps - lo) / span, ax=ax, title=title, cmap="viridis")
+        return fig, ax
+    if a.dim() == 2:
+        fig, ax = _axes(ax, (6, 3))
+        ax.imshow(a.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xlabel("unit")
+        ax.set_ylabel("sample")
+        if title:
+            ax.set_title(title)
+        return fig, ax
+    raise ValueError(f"activations must be (B, C, H, W) or (B, D), got {tuple(a.shape)}")
+
+
+def plot_history(history: pd.DataFrame, y: str = "loss", *, x: str = "step", hue: str | None = None,
+                 ax: Axes | None = None, **kwargs: Any) -> tuple[Figure, Axes]:
+    """Line plot of a history DataFrame column (seaborn), e.g. loss or accuracy over steps."""
+    import seaborn as sns
+
+    for col in (x, y, hue):
+        if col is not None and col not in history.columns:
+            raise ValueError(f"history has no column {col!r}; it has {list(history.columns)}")
+    fig, ax = _axes(ax)
+    sns.lineplot(data=history, x=x, y=y, hue=hue, ax=ax, **kwargs)
+    return fig, ax
+
+
+def plot_communication(summary: pd.DataFrame, *, ax: Axes | None = None) -> tuple[Figure, Axes]:
+    """Bytes sent (up) and received (down) per party, from ``wire.summary()``."""
+    import seaborn as sns
+
+    long = summary.melt(id_vars="party", value_vars=["bytes_up", "bytes_down"], var_name="direction",
+                        value_name="bytes")
+    fig, ax = _axes(ax)
+    sns.barplot(data=long, x="party", y="bytes", hue="direction", ax=ax)
+    ax.set_yscale("log")
+    return fig, ax
