@@ -6,9 +6,9 @@ it; attacks read only ``wire.observed(by=...)``.
 from toolkit.seeding import seed_everything
 from toolkit.wire import InProcess, Transfer, Wire
 from toolkit.parties import Party, make_optimizer
-from toolkit import data, metrics, models, plots, split  # noqa: E402  (subpackages, after the core)
+from toolkit import audit, data, metrics, models, plots, split  # noqa: E402  (after the core)
 
 __version__ = "0.1.0"
 
-__all__ = ["InProcess", "Party", "Transfer", "Wire", "data", "make_optimizer", "metrics", "models",
+__all__ = ["InProcess", "audit", "Party", "Transfer", "Wire", "data", "make_optimizer", "metrics", "models",
            "plots", "seed_everything", "split", "__version__"]

@@ -43,7 +43,7 @@ def distance_correlation(x: Tensor | np.ndarray, z: Tensor | np.ndarray) -> Tens
 
     Example:
         >>> x = torch.randn(100, 3)
-        >>> float(distance_correlation(x, 2 * x + 1))
+        >>> round(float(distance_correlation(x, 2 * x + 1)), 6)
         1.0
     """
     x, z = _pair(x, z, 2)

@@ -39,6 +39,7 @@ def mlp(sizes: Sequence[int], *, activation: str = "relu") -> nn.Sequential:
     """
     if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
         raise ValueError(f"mlp needs at least two positive sizes, got {list(sizes)}")
+    _activation(activation)  # validate even when there is no hidden layer
     layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
         layers.append((f"fc{i}", nn.Linear(int(a), int(b))))
@@ -176,7 +177,7 @@ def cut(model: nn.Sequential, at: int | str | Sequence[int | str], *,
     """
     if not isinstance(model, nn.Sequential):
         raise ValueError(f"cut needs an nn.Sequential (every zoo model is one), got {type(model).__name__}")
-    cuts = [at] if isinstance(at, (int, str)) else list(at)
+    cuts = list(at) if isinstance(at, (list, tuple)) else [at]
     if not cuts:
         raise ValueError("cut needs at least one cut position")
     positions = [_position(model, c) for c in cuts]

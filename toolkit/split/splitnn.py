@@ -8,6 +8,7 @@ data are in :mod:`toolkit.split.multiclient` (relay with weight hand-off, SplitF
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -82,6 +83,10 @@ class SplitNN:
         self.parties = pipeline.parties + [t.owner for t in self.tasks
                                            if all(t.owner is not p for p in pipeline.parties)]
         self._inputs = [(seg.party, seg.data_key) for seg in pipeline.stages[0]]
+        for seg in pipeline.stages[0]:
+            if not any(p.requires_grad for p in seg.module.parameters()) and len(pipeline.stages) > 1:
+                warnings.warn(f"{seg.party.name}'s part has no trainable parameters: it sends its raw inputs "
+                              f"(up to a reshape) across the wire; cut deeper", stacklevel=3)
         self.n_train = self._check_data(test=False)
         self.n_test = self._check_data(test=True)
         self._check_shapes()

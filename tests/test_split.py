@@ -1,0 +1,275 @@
+"""Split learning: exactness, audits, accuracy, byte accounting and bad input, per configuration."""
+import copy
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from toolkit import data, models
+from toolkit.audit import find_rows
+from toolkit.split import SplitConfig, SplitNN
+
+FAST = SplitConfig(lr=0.5, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits")
+
+
+def mlp4():
+    torch.manual_seed(0)
+    return models.mlp([64, 128, 64, 10])
+
+
+def monolithic(net, ds, config, epochs):
+    """The same network trained unsplit, with the same optimizer and data order."""
+    opt = config.make_optimizer()(net.parameters())
+    g = torch.Generator().manual_seed(config.seed)
+    losses = []
+    for _ in range(epochs):
+        for idx in torch.randperm(len(ds.y_train), generator=g).split(config.batch_size):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(net(ds.x_train[idx]), ds.y_train[idx])
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return losses
+
+
+BUILDERS = {
+    "vanilla": lambda net, ds, cfg: SplitNN.vanilla(*models.cut(net, at=3), ds, config=cfg),
+    "u_shaped": lambda net, ds, cfg: SplitNN.u_shaped(*models.cut(net, at=(2, 5)), ds, config=cfg),
+    "multi_hop": lambda net, ds, cfg: SplitNN.multi_hop(models.cut(net, at=(2, 4, 5)), ds, config=cfg),
+}
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_chain_configurations_equal_monolithic_training(digits, name, momentum):
+    cfg = SplitConfig(lr=0.05, batch_size=64, momentum=momentum, seed=3)
+    net = mlp4()
+    twin = copy.deepcopy(net)
+    ref_losses = monolithic(twin, digits, cfg, epochs=2)
+    sl = BUILDERS[name](net, digits, cfg)
+    history = sl.fit(epochs=2)
+    assert history["loss"].tolist() == pytest.approx(ref_losses, abs=1e-6)
+    for p, q in zip(net.parameters(), twin.parameters()):
+        assert torch.allclose(p, q, atol=1e-6, rtol=0)
+
+
+def test_vanilla_lenet_equals_monolithic(digits):
+    ds = data.load("digits", image_size=28)
+    ds = ds.subset(torch.arange(512))
+    cfg = SplitConfig(lr=0.05, batch_size=64)
+    torch.manual_seed(1)
+    net = models.lenet()
+    twin = copy.deepcopy(net)
+    ref = monolithic(twin, ds, cfg, epochs=1)
+    hist = SplitNN.vanilla(*models.cut(net, at="pool2"), ds, config=cfg).fit(1)
+    assert hist["loss"].tolist() == pytest.approx(ref, abs=1e-6)
+    assert all(torch.allclose(p, q, atol=1e-6, rtol=0) for p, q in zip(net.parameters(), twin.parameters()))
+
+
+# -- every configuration ------------------------------------------------------------------
+def vertical(ds, cfg):
+    views = data.vertical_split(ds, 2)
+    encoders = [models.mlp([32, 64]) for _ in views]
+    return SplitNN.vertical(encoders, nn.Sequential(nn.ReLU(), nn.Linear(128, 10)), views, config=cfg), views
+
+
+def multi_task(ds, cfg, head_parties=None):
+    heads = {"digit": nn.Sequential(nn.ReLU(), nn.Linear(128, 10)),
+             "parity": nn.Sequential(nn.ReLU(), nn.Linear(128, 2))}
+    return SplitNN.multi_task(models.mlp([64, 128]), heads, ds, targets={"parity": lambda y: y % 2},
+                              head_parties=head_parties, config=cfg)
+
+
+CONFIGS = {
+    "vanilla": lambda ds, cfg: BUILDERS["vanilla"](mlp4(), ds, cfg),
+    "u_shaped": lambda ds, cfg: BUILDERS["u_shaped"](mlp4(), ds, cfg),
+    "multi_hop": lambda ds, cfg: BUILDERS["multi_hop"](mlp4(), ds, cfg),
+    "vertical": lambda ds, cfg: vertical(ds, cfg)[0],
+    "multi_task": multi_task,
+}
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    """Each configuration trained once for 10 epochs on digits (about 0.3 s each)."""
+    torch.manual_seed(0)
+    runs = {}
+    for name, build in CONFIGS.items():
+        sl = build(digits, FAST)
+        sl.fit(epochs=10)
+        runs[name] = (sl, sl.evaluate())
+    return runs
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_every_configuration_learns_digits_to_95_percent(trained, name):
+    _, result = trained[name]
+    assert result["accuracy"] >= 0.95, result
+    if name == "multi_task":
+        assert result["accuracy_digit"] >= 0.95 and result["accuracy_parity"] >= 0.95
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_no_raw_input_crosses_the_wire(trained, digits, name):
+    sl, _ = trained[name]
+    transcript = sl.wire.observed()
+    assert len(transcript) > 0
+    assert find_rows(transcript, digits.x_train) == []
+    assert find_rows(transcript, digits.x_test) == []
+
+
+def test_a_client_part_without_parameters_is_flagged(digits):
+    with pytest.warns(UserWarning, match="no trainable parameters: it sends its raw inputs"):
+        SplitNN.vanilla(nn.Flatten(), nn.Linear(64, 10), digits)
+
+
+def test_the_audit_catches_a_raw_batch(trained, digits):
+    sl, _ = trained["vanilla"]
+    leaky = copy.deepcopy(sl.wire)
+    leaky.send(digits.x_train[5:9], sender="client", receiver="server", kind="activations")
+    assert len(find_rows(leaky.observed(), digits.x_train)) == 1
+
+
+def test_u_shaped_labels_never_leave_the_client(trained, digits):
+    sl, _ = trained["u_shaped"]
+    transcript = sl.wire.observed()
+    assert {t.kind for t in transcript} == {"activations", "gradients"}
+    assert all(t.tensor.is_floating_point() for t in transcript)
+    onehot = nn.functional.one_hot(torch.arange(10)).float()
+    assert find_rows(transcript, onehot) == []
+    # whereas vanilla sends them
+    assert {t.kind for t in trained["vanilla"][0].wire.observed(by="server")} == {"activations", "labels"}
+
+
+def test_vertical_clients_features_reach_no_other_party(digits):
+    sl, views = vertical(digits, FAST)
+    sl.fit(epochs=1)
+    sl.evaluate()
+    transcript = sl.wire.observed()
+    for k, view in enumerate(views):
+        assert find_rows(transcript, view.x_train) == [] and find_rows(transcript, view.x_test) == []
+        received = sl.wire.observed(by=f"client:{k}")
+        assert {t.kind for t in received} == {"gradients"} and {t.sender for t in received} == {"server"}
+    assert {t.kind for t in transcript} == {"activations", "gradients"}  # labels stay at the server
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_summary_bytes_equal_the_transcript(trained, name):
+    wire = trained[name][0].wire
+    total = sum(t.nbytes for t in wire.observed())
+    summary = wire.summary()
+    assert summary["bytes_up"].sum() == summary["bytes_down"].sum() == wire.total_bytes == total
+    ledger = wire.ledger()
+    for (s, r, k), group in ledger.groupby(["sender", "receiver", "kind"]):
+        assert group["bytes"].sum() == sum(t.nbytes for t in wire.observed(by=r, sender=s, kind=k))
+
+
+def test_vanilla_transcript_shape_per_step(digits):
+    sl = CONFIGS["vanilla"](digits, FAST)
+    history = sl.fit(epochs=1)
+    steps = len(history)
+    assert steps == -(-len(digits.y_train) // 32)
+    assert len(sl.wire.observed(by="server", kind="activations")) == steps
+    assert len(sl.wire.observed(by="server", kind="labels")) == steps
+    grads = sl.wire.observed(by="client", kind="gradients")
+    acts = sl.wire.observed(by="server", kind="activations")
+    assert len(grads) == steps and all(g.tensor.shape == a.tensor.shape for g, a in zip(grads, acts))
+    assert list(history.columns) == ["epoch", "step", "loss", "accuracy", "bytes"]
+    assert history["bytes"].is_monotonic_increasing and history["bytes"].iloc[-1] == sl.wire.total_bytes
+    sl.evaluate()
+    assert len(sl.wire.observed(by="server", phase="eval")) == 2  # test activations and test labels
+
+
+def test_multi_task_heads_on_one_party_receive_activations_once(digits):
+    sl = multi_task(digits, FAST, head_parties={"digit": "server", "parity": "server"})
+    steps = len(sl.fit(epochs=1))
+    assert len(sl.wire.observed(by="server", kind="activations")) == steps
+    assert len(sl.wire.observed(by="client", kind="gradients")) == steps
+    apart = multi_task(digits, FAST)
+    apart.fit(epochs=1)
+    assert len(apart.wire.observed(kind="activations")) == 2 * steps
+
+
+def test_same_seed_same_history(digits):
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(CONFIGS["vertical"](digits, SplitConfig(lr=0.5, batch_size=32, seed=5)).fit(epochs=2))
+    assert runs[0].equals(runs[1])
+    torch.manual_seed(0)
+    other = CONFIGS["vertical"](digits, SplitConfig(lr=0.5, batch_size=32, seed=6)).fit(epochs=2)
+    assert not other["loss"].equals(runs[0]["loss"])
+
+
+def test_recording_off_counts_the_same_bytes(digits):
+    on = CONFIGS["vanilla"](digits, FAST)
+    off = CONFIGS["vanilla"](digits, SplitConfig(lr=0.5, batch_size=32, record=False))
+    h_on, h_off = on.fit(1), off.fit(1)
+    assert off.wire.observed() == [] and off.wire.total_bytes == on.wire.total_bytes > 0
+    assert h_on["loss"].equals(h_off["loss"])
+
+
+def test_eval_each_epoch_adds_test_columns(digits):
+    history = CONFIGS["vanilla"](digits, FAST).fit(epochs=2, eval_each_epoch=True)
+    marked = history.dropna(subset=["test_accuracy"])
+    assert list(marked["epoch"]) == [0, 1] and (marked["test_accuracy"] > 0.5).all()
+
+
+# -- bad input ----------------------------------------------------------------------------
+def test_parts_that_do_not_chain_are_refused_at_construction(digits):
+    client = models.mlp([64, 32])
+    with pytest.raises(ValueError, match=r"server's part.*Linear\(in_features=40.*\(32,\)"):
+        SplitNN.vanilla(client, nn.Linear(40, 10), digits)
+
+
+def test_too_few_outputs_for_the_classes(digits):
+    with pytest.raises(ValueError, match="outputs 5 values per sample but its labels have 10 classes"):
+        SplitNN.vanilla(models.mlp([64, 32]), nn.Linear(32, 5), digits)
+
+
+def test_labels_of_the_wrong_length(digits):
+    bad = types.SimpleNamespace(x_train=digits.x_train, y_train=digits.y_train[:-3],
+                                x_test=digits.x_test, y_test=digits.y_test)
+    with pytest.raises(ValueError, match=r"1437 samples but client's labels y has 1434.*wrong label length"):
+        SplitNN.vanilla(models.mlp([64, 32]), nn.Linear(32, 10), bad)
+
+
+def test_vertical_client_missing_samples(digits):
+    left, right = data.vertical_split(digits, 2)
+    short = right.subset(torch.arange(1000))
+    with pytest.raises(ValueError, match="client:1 holds 1000 train samples but client:0 holds 1437"):
+        SplitNN.vertical([models.mlp([32, 8]), models.mlp([32, 8])], nn.Linear(16, 10), [left, short])
+    shuffled = right.subset(torch.randperm(len(right.y_train), generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="not aligned"):
+        SplitNN.vertical([models.mlp([32, 8]), models.mlp([32, 8])], nn.Linear(16, 10), [left, shuffled])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"batch_size": 0}, "batch sizes must be positive"),
+    ({"lr": -1.0}, "lr must be positive"),
+    ({"optimizer": "rmsprop"}, "unknown optimizer"),
+])
+def test_bad_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SplitConfig(**kwargs)
+
+
+def test_bad_configuration_arguments(digits):
+    parts = models.cut(mlp4(), at=(1, 3))
+    with pytest.raises(ValueError, match="at least three segments"):
+        SplitNN.multi_hop(parts[:2], digits)
+    with pytest.raises(ValueError, match="distinct party name"):
+        SplitNN.multi_hop(parts, digits, names=["a", "b", "a"])
+    with pytest.raises(ValueError, match="unknown merge"):
+        SplitNN.vertical([models.mlp([32, 8])] * 2, nn.Linear(16, 10), data.vertical_split(digits, 2), merge="max")
+    with pytest.raises(ValueError, match="label_holder"):
+        SplitNN.vertical([models.mlp([32, 8])] * 2, nn.Linear(16, 10), data.vertical_split(digits, 2),
+                         label_holder="bank")
+    with pytest.raises(ValueError, match="epochs must be a positive int"):
+        CONFIGS["vanilla"](digits, FAST).fit(epochs=0)
