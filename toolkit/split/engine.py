@@ -16,10 +16,11 @@ there (Gupta & Raskar, "Distributed learning of deep neural network over multipl
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from toolkit.models import trace
@@ -51,7 +52,7 @@ class Task:
     owner: Party
     head: int = 0              # index of the last-stage segment this task scores
     key: str = "y"
-    loss: nn.Module = field(default_factory=nn.CrossEntropyLoss)
+    loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy  # (outputs, labels) -> mean loss
 
 
 def concat(tensors: Sequence[Tensor]) -> Tensor:

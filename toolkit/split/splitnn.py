@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from toolkit.parties import OPTIMIZERS, Party, make_optimizer
@@ -125,7 +126,7 @@ class SplitNN:
         for task in self.tasks:
             if task.head >= len(outs):
                 raise ValueError(f"task {task.name!r} scores head {task.head} but there are {len(outs)} heads")
-            if isinstance(task.loss, nn.CrossEntropyLoss):
+            if task.loss is F.cross_entropy or isinstance(task.loss, nn.CrossEntropyLoss):
                 n_out = outs[task.head][0] if outs[task.head] else 1
                 n_classes = int(task.owner.data[task.key].max()) + 1
                 if n_out < n_classes:
@@ -143,12 +144,13 @@ class SplitNN:
         inputs = [p.data[k] for p, k in self._inputs]
         labels = [t.owner.data[t.key] for t in tasks]
         loss_party = [pipeline.stages[-1][t.head].party for t in tasks]
+        optimizers = [p.optimizer for p in parties if p.optimizer is not None]
         for p in parties:
             p.train()
         for idx in self._batches(self.n_train, self.config.batch_size, self.config.shuffle):
             step = wire.tick()
-            for p in parties:
-                p.zero_grad()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             outs, hops = pipeline.forward([x[idx] for x in inputs], train=True)
             total, stats = None, []
             for task, y_all, at in zip(tasks, labels, loss_party):
@@ -160,8 +162,8 @@ class SplitNN:
                 total = loss if total is None else total + loss
                 stats.append((loss.detach(), (out.detach().argmax(1) == y).sum()))
             pipeline.backward(total, hops)
-            for p in parties:
-                p.step()
+            for opt in optimizers:
+                opt.step()
             yield step, len(idx), stats, wire.total_bytes
 
     def train_epoch(self) -> pd.DataFrame:
