@@ -4,7 +4,8 @@ One epoch of vanilla SplitNN (recording off, and on) against one epoch of the sa
 plain PyTorch loop, measured side by side in one run: the variants alternate (in rotating order)
 and each figure is a median over repetitions. Both loops log loss and accuracy per step the same
 way (detached tensors, converted once per epoch), so the ratio isolates the split: two parties'
-optimizers, the hand-off at the cut, and the Wire's counting and recording.
+optimizers, the hand-off at the cut, and the Wire's counting and recording. A bare hand-off
+(detach at the cut, two optimizers, no Wire) is measured beside them for calibration.
 
 Workloads: LeNet-5 (cut after pool2) with batch 64 on MNIST-shaped images (the MNIST test set
 from ../shared/data/mnist when present, else digits upsampled to 28x28), and the digits MLP
@@ -114,7 +115,7 @@ def measure(workload: str, make_net, at, ds, reps: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reps", type=int, default=11)
+    parser.add_argument("--reps", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     if SHARED_MNIST.is_dir():

@@ -9,6 +9,7 @@ from torch import nn
 from toolkit import data, models
 from toolkit.audit import find_rows
 from toolkit.split import SplitConfig, SplitNN
+from toolkit.wire import Wire
 
 FAST = SplitConfig(lr=0.5, batch_size=32)
 
@@ -16,6 +17,13 @@ FAST = SplitConfig(lr=0.5, batch_size=32)
 @pytest.fixture(scope="module")
 def digits():
     return data.load("digits")
+
+
+class CopyingTransport:
+    """Delivers a copy, as a network would."""
+
+    def deliver(self, tensor, *, sender, receiver, kind):
+        return tensor.detach().clone()
 
 
 def mlp4():
@@ -39,20 +47,24 @@ def monolithic(net, ds, config, epochs):
 
 
 BUILDERS = {
-    "vanilla": lambda net, ds, cfg: SplitNN.vanilla(*models.cut(net, at=3), ds, config=cfg),
-    "u_shaped": lambda net, ds, cfg: SplitNN.u_shaped(*models.cut(net, at=(2, 5)), ds, config=cfg),
-    "multi_hop": lambda net, ds, cfg: SplitNN.multi_hop(models.cut(net, at=(2, 4, 5)), ds, config=cfg),
+    "vanilla": lambda net, ds, cfg, wire=None: SplitNN.vanilla(*models.cut(net, at=3), ds, config=cfg, wire=wire),
+    "u_shaped": lambda net, ds, cfg, wire=None: SplitNN.u_shaped(*models.cut(net, at=(2, 5)), ds, config=cfg,
+                                                                 wire=wire),
+    "multi_hop": lambda net, ds, cfg, wire=None: SplitNN.multi_hop(models.cut(net, at=(2, 4, 5)), ds, config=cfg,
+                                                                   wire=wire),
 }
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_chain_configurations_equal_monolithic_training(digits, name, momentum):
+@pytest.mark.parametrize("transport", ["in-process", "copying"])
+def test_chain_configurations_equal_monolithic_training(digits, name, momentum, transport):
     cfg = SplitConfig(lr=0.05, batch_size=64, momentum=momentum, seed=3)
     net = mlp4()
     twin = copy.deepcopy(net)
     ref_losses = monolithic(twin, digits, cfg, epochs=2)
-    sl = BUILDERS[name](net, digits, cfg)
+    wire = Wire(transport=CopyingTransport() if transport == "copying" else None)
+    sl = BUILDERS[name](net, digits, cfg, wire)
     history = sl.fit(epochs=2)
     assert history["loss"].tolist() == pytest.approx(ref_losses, abs=1e-6)
     for p, q in zip(net.parameters(), twin.parameters()):
@@ -73,25 +85,26 @@ def test_vanilla_lenet_equals_monolithic(digits):
 
 
 # -- every configuration ------------------------------------------------------------------
-def vertical(ds, cfg):
+def vertical(ds, cfg, wire=None):
     views = data.vertical_split(ds, 2)
     encoders = [models.mlp([32, 64]) for _ in views]
-    return SplitNN.vertical(encoders, nn.Sequential(nn.ReLU(), nn.Linear(128, 10)), views, config=cfg), views
+    return SplitNN.vertical(encoders, nn.Sequential(nn.ReLU(), nn.Linear(128, 10)), views, config=cfg,
+                            wire=wire), views
 
 
-def multi_task(ds, cfg, head_parties=None):
+def multi_task(ds, cfg, head_parties=None, wire=None):
     heads = {"digit": nn.Sequential(nn.ReLU(), nn.Linear(128, 10)),
              "parity": nn.Sequential(nn.ReLU(), nn.Linear(128, 2))}
     return SplitNN.multi_task(models.mlp([64, 128]), heads, ds, targets={"parity": lambda y: y % 2},
-                              head_parties=head_parties, config=cfg)
+                              head_parties=head_parties, config=cfg, wire=wire)
 
 
 CONFIGS = {
-    "vanilla": lambda ds, cfg: BUILDERS["vanilla"](mlp4(), ds, cfg),
-    "u_shaped": lambda ds, cfg: BUILDERS["u_shaped"](mlp4(), ds, cfg),
-    "multi_hop": lambda ds, cfg: BUILDERS["multi_hop"](mlp4(), ds, cfg),
-    "vertical": lambda ds, cfg: vertical(ds, cfg)[0],
-    "multi_task": multi_task,
+    "vanilla": lambda ds, cfg, wire=None: BUILDERS["vanilla"](mlp4(), ds, cfg, wire),
+    "u_shaped": lambda ds, cfg, wire=None: BUILDERS["u_shaped"](mlp4(), ds, cfg, wire),
+    "multi_hop": lambda ds, cfg, wire=None: BUILDERS["multi_hop"](mlp4(), ds, cfg, wire),
+    "vertical": lambda ds, cfg, wire=None: vertical(ds, cfg, wire)[0],
+    "multi_task": lambda ds, cfg, wire=None: multi_task(ds, cfg, wire=wire),
 }
 
 
@@ -273,3 +286,21 @@ def test_bad_configuration_arguments(digits):
                          label_holder="bank")
     with pytest.raises(ValueError, match="epochs must be a positive int"):
         CONFIGS["vanilla"](digits, FAST).fit(epochs=0)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_copying_transport_gives_the_same_transfers_and_numbers(digits, name):
+    runs = []
+    for transport in (None, CopyingTransport()):
+        torch.manual_seed(0)
+        wire = Wire(transport=transport)
+        sl = CONFIGS[name](digits, FAST, wire=wire)
+        runs.append((sl.fit(epochs=1), wire.observed()))
+    (h1, t1), (h2, t2) = runs
+    assert h1["loss"].tolist() == pytest.approx(h2["loss"].tolist(), abs=1e-6)
+    assert [(t.step, t.sender, t.receiver, t.kind) for t in t1] != [] and len(t1) == len(t2)
+    assert sorted((t.step, t.sender, t.receiver, t.kind) for t in t1) == \
+        sorted((t.step, t.sender, t.receiver, t.kind) for t in t2)
+    by_key = {(t.step, t.sender, t.receiver, t.kind): t.tensor for t in t2}
+    assert all(torch.allclose(t.tensor.float(), by_key[(t.step, t.sender, t.receiver, t.kind)].float(), atol=1e-5)
+               for t in t1)
