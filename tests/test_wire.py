@@ -1,7 +1,9 @@
+import dataclasses
+
 import pytest
 import torch
 
-from toolkit.wire import Transfer, Wire
+from toolkit.wire import Packet, Transfer, Wire
 
 
 def send_batch(wire, step_tensors):
@@ -115,3 +117,40 @@ def test_reset_and_repr():
     wire.reset()
     assert len(wire) == 0 and wire.total_bytes == 0 and wire.observed() == [] and wire.step == 0
     assert "activations (1,) float32, 4 B" in repr(Transfer(1, "c", "s", "activations", torch.zeros(1)))
+
+
+def test_broadcast_counts_every_receiver_in_full_and_records_once():
+    wire = Wire()
+    names = tuple(f"client:{i}" for i in range(50))
+    got = wire.broadcast(torch.ones(10), sender="server", receivers=names, kind="weights")
+    assert got.shape == (10,) and wire.total_bytes == 50 * 40 and len(wire) == 50
+    assert len(wire._records) == 1  # one copy kept, not fifty
+    seen = wire.observed(by="client:7")
+    assert len(seen) == 1 and seen[0].tensor.shape == (10,) and seen[0].sender == "server"
+    summary = wire.summary().set_index("party")
+    assert summary.loc["server", "bytes_up"] == 2000 and summary.loc["client:49", "bytes_down"] == 40
+    with pytest.raises(TypeError, match="receiver names"):
+        wire.broadcast(torch.ones(1), sender="server", receivers=[], kind="weights")
+
+
+@dataclasses.dataclass
+class Sparse(Packet):
+    indices: torch.Tensor
+    values: torch.Tensor
+    size: int  # metadata: known to both sides, not counted
+
+
+def test_packets_are_counted_byte_for_byte_and_split_by_row():
+    wire = Wire()
+    packet = Sparse(torch.zeros(3, 5, dtype=torch.int16), torch.ones(3, 5), size=100)
+    assert packet.nbytes == 3 * 5 * 2 + 3 * 5 * 4
+    names = ("a", "b", "c")
+    got = wire.send(packet, sender=names, receiver="server", kind="update")
+    assert isinstance(got, Sparse) and wire.total_bytes == 90
+    row = wire.observed(by="server", sender="b")[0]
+    assert isinstance(row.tensor, Sparse) and row.tensor.values.shape == (5,) and row.tensor.size == 100
+    assert row.nbytes == 30 and "Sparse(indices (5,) int16" in repr(row)
+    packet.values.mul_(7)  # the record is a copy
+    assert float(row.tensor.values.sum()) == 5.0
+    with pytest.raises(ValueError, match="2 rows, got 3"):
+        wire.send(packet, sender=("a", "b"), receiver="server", kind="update")

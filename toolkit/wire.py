@@ -7,21 +7,66 @@ exactly what that party received. Ground truth stays with the caller.
 
 A vectorized simulation sends many parties' tensors in one call: pass a tuple of names as
 ``sender`` (or ``receiver``) and a tensor stacked along dim 0, one row per name. The Wire counts
-and records that as ``len(names)`` transfers without a Python loop per party.
+and records that as ``len(names)`` transfers without a Python loop per party. ``broadcast``
+sends one tensor to many receivers (each gets all of it and is counted for all of it).
+
+What crosses is a tensor or a :class:`Packet`: several tensors that travel as one message (a
+compressed update: indices and values), counted byte for byte.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, fields, replace
+from typing import Any, Protocol, Union
 
 import pandas as pd
 import torch
 from torch import Tensor
 
-Names = str | tuple[str, ...]
-Transform = Callable[..., Tensor]  # transform(tensor, *, kind) -> tensor; ignores kinds it does not handle
+Names = Union[str, tuple[str, ...]]
+Transform = Callable[..., Any]  # transform(tensor, *, kind) -> tensor; ignores kinds it does not handle
+
+
+class Packet:
+    """Several tensors that cross the wire together as one message, e.g. a sparse update.
+
+    Subclasses are dataclasses. Tensor fields are what travels (and is counted: ``nbytes``);
+    other fields are metadata both sides already know (shapes, settings). In a stacked send
+    every tensor field has one row per party.
+    """
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)  # type: ignore[arg-type]
+                if isinstance(getattr(self, f.name), Tensor)}
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Packet:
+        """The same packet with ``fn`` applied to every tensor field."""
+        return replace(self, **{k: fn(v) for k, v in self.tensors().items()})  # type: ignore[type-var]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors().values())
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors().values())))
+
+    def __getitem__(self, i) -> Packet:
+        return self.map(lambda t: t[i])
+
+    def detach(self) -> Packet:
+        return self.map(Tensor.detach)
+
+    def clone(self) -> Packet:
+        return self.map(Tensor.clone)
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+                          for k, v in self.tensors().items())
+        return f"{type(self).__name__}({parts})"
+
+
+Payload = Union[Tensor, Packet]
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -32,18 +77,20 @@ class Transfer:
     sender: str
     receiver: str
     kind: str       # "activations", "gradients", "labels", "weights", "update", ...
-    tensor: Tensor  # detached copy of what crossed
+    tensor: Payload  # detached copy of what crossed (a tensor, or a Packet of tensors)
     phase: str = "train"  # "train" or "eval"
 
     @property
     def nbytes(self) -> int:
-        return self.tensor.numel() * self.tensor.element_size()
+        return self.tensor.nbytes
 
     def __repr__(self) -> str:
-        shape = tuple(self.tensor.shape)
-        dtype = str(self.tensor.dtype).removeprefix("torch.")
+        if isinstance(self.tensor, Packet):
+            what = self.tensor.describe()
+        else:
+            what = f"{tuple(self.tensor.shape)} {str(self.tensor.dtype).removeprefix('torch.')}"
         return (f"Transfer(step={self.step}, {self.sender} -> {self.receiver}, {self.kind} "
-                f"{shape} {dtype}, {self.nbytes:,} B{', ' + self.phase if self.phase != 'train' else ''})")
+                f"{what}, {self.nbytes:,} B{', ' + self.phase if self.phase != 'train' else ''})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,30 +101,35 @@ class _Record:
     sender: Names
     receiver: Names
     kind: str
-    tensor: Tensor
+    tensor: Payload
     phase: str
+    broadcast: bool = False  # one tensor, every receiver got all of it
 
     def expand(self) -> Iterator[Transfer]:
         if isinstance(self.sender, str) and isinstance(self.receiver, str):
             yield Transfer(self.step, self.sender, self.receiver, self.kind, self.tensor, self.phase)
             return
+        if self.broadcast:
+            for r in self.receiver:
+                yield Transfer(self.step, self.sender, r, self.kind, self.tensor, self.phase)  # type: ignore[arg-type]
+            return
         n = len(self.tensor)
         senders = (self.sender,) * n if isinstance(self.sender, str) else self.sender
         receivers = (self.receiver,) * n if isinstance(self.receiver, str) else self.receiver
-        for s, r, row in zip(senders, receivers, self.tensor):
-            yield Transfer(self.step, s, r, self.kind, row, self.phase)
+        for i, (s, r) in enumerate(zip(senders, receivers)):
+            yield Transfer(self.step, s, r, self.kind, self.tensor[i], self.phase)
 
 
 class Transport(Protocol):
     """Delivers a tensor from one party to another (in-process, or across processes)."""
 
-    def deliver(self, tensor: Tensor, *, sender: Names, receiver: Names, kind: str) -> Tensor: ...
+    def deliver(self, tensor: Payload, *, sender: Names, receiver: Names, kind: str) -> Payload: ...
 
 
 class InProcess:
     """Default transport: the receiver gets a detached alias (no copy) in the same process."""
 
-    def deliver(self, tensor: Tensor, *, sender: Names, receiver: Names, kind: str) -> Tensor:
+    def deliver(self, tensor: Payload, *, sender: Names, receiver: Names, kind: str) -> Payload:
         return tensor.detach()
 
     def __repr__(self) -> str:
@@ -117,7 +169,7 @@ class Wire:
         self._ledger: dict[tuple[Names, Names, str], list[int]] = {}  # key -> [rows, bytes]
 
     # -- sending -------------------------------------------------------------------------
-    def send(self, tensor: Tensor, *, sender: Names, receiver: Names, kind: str) -> Tensor:
+    def send(self, tensor: Payload, *, sender: Names, receiver: Names, kind: str) -> Payload:
         """Transform, count, record and deliver ``tensor``; returns what the receiver gets.
 
         ``sender`` or ``receiver`` may be a tuple of names for a stacked tensor with one row
@@ -125,7 +177,7 @@ class Wire:
         """
         for t in self.transforms:
             tensor = t(tensor, kind=kind)
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = tensor.nbytes
         key = (sender, receiver, kind)
         entry = self._ledger.get(key)
         if entry is None:
@@ -144,8 +196,26 @@ class Wire:
                                          tensor.detach().clone(), self.phase))
         return self.transport.deliver(tensor, sender=sender, receiver=receiver, kind=kind)
 
+    def broadcast(self, tensor: Payload, *, sender: str, receivers: Sequence[str], kind: str) -> Payload:
+        """Send one tensor to every receiver (e.g. global weights); each is counted in full."""
+        receivers = tuple(receivers)
+        if not isinstance(sender, str) or not receivers or not all(isinstance(r, str) for r in receivers):
+            raise TypeError(f"broadcast needs one sender name and a non-empty sequence of receiver names, "
+                            f"got {sender!r} and {receivers!r}")
+        for t in self.transforms:
+            tensor = t(tensor, kind=kind)
+        nbytes = tensor.nbytes
+        entry = self._ledger.setdefault((sender, receivers, kind), [0, 0])  # counted like a stacked send
+        entry[0] += len(receivers)
+        entry[1] += nbytes * len(receivers)
+        self.total_bytes += nbytes * len(receivers)
+        if self.recording:
+            self._records.append(_Record(self.step, sender, receivers, kind, tensor.detach().clone(),
+                                         self.phase, broadcast=True))
+        return self.transport.deliver(tensor, sender=sender, receiver=receivers, kind=kind)
+
     @staticmethod
-    def _check_rows(tensor: Tensor, sender: Names, receiver: Names) -> int:
+    def _check_rows(tensor: Payload, sender: Names, receiver: Names) -> int:
         lengths = {len(n) for n in (sender, receiver) if isinstance(n, tuple)}
         if not lengths:
             if not (isinstance(sender, str) and isinstance(receiver, str)):
@@ -156,9 +226,10 @@ class Wire:
             raise ValueError(f"stacked send pairs senders with receivers one to one, got "
                              f"{len(sender)} senders and {len(receiver)} receivers")
         (n,) = lengths
-        if tensor.dim() == 0 or tensor.shape[0] != n:
-            raise ValueError(f"stacked send for {n} parties needs a tensor with {n} rows, "
-                             f"got shape {tuple(tensor.shape)}")
+        rows = len(tensor) if isinstance(tensor, Packet) or tensor.dim() > 0 else 0
+        if rows != n:
+            shape = len(tensor) if isinstance(tensor, Packet) else tuple(tensor.shape)
+            raise ValueError(f"stacked send for {n} parties needs a tensor with {n} rows, got {shape}")
         return n
 
     def tick(self) -> int:
