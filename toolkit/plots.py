@@ -102,3 +102,20 @@ def plot_communication(summary: pd.DataFrame, *, ax: Axes | None = None) -> tupl
     sns.barplot(data=long, x="party", y="bytes", hue="direction", ax=ax)
     ax.set_yscale("log")
     return fig, ax
+
+
+def plot_partition(datasets, *, ax: Axes | None = None, n_classes: int | None = None) -> tuple[Figure, Axes]:
+    """Label counts per client as stacked bars: how non-IID a partition is."""
+    counts = [torch.bincount(ds.y_train, minlength=n_classes or 0) for ds in datasets]
+    width = max(len(c) for c in counts)
+    table = torch.stack([torch.nn.functional.pad(c, (0, width - len(c))) for c in counts]).numpy()  # (clients, classes)
+    fig, ax = _axes(ax, (7, 3.5))
+    bottom = np.zeros(len(table))
+    cmap = __import__("matplotlib").colormaps["tab10" if width <= 10 else "tab20"]
+    for k in range(width):
+        ax.bar(np.arange(len(table)), table[:, k], bottom=bottom, color=cmap(k % cmap.N), label=str(k), width=0.9)
+        bottom += table[:, k]
+    ax.set_xlabel("client")
+    ax.set_ylabel("samples")
+    ax.legend(title="label", ncols=2, fontsize="small", bbox_to_anchor=(1.01, 1), loc="upper left")
+    return fig, ax

@@ -296,6 +296,17 @@ class Wire:
         """Number of transfers counted so far (a stacked send counts one per row)."""
         return sum(n for n, _ in self._ledger.values())
 
+    def state_dict(self) -> dict:
+        """Counters, ledger and transcript, for checkpoints (transforms and transport are not saved)."""
+        return {"step": self.step, "phase": self.phase, "total_bytes": self.total_bytes,
+                "ledger": [(k, list(v)) for k, v in self._ledger.items()],
+                "records": [tuple(getattr(r, f.name) for f in fields(r)) for r in self._records]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.phase, self.total_bytes = state["step"], state["phase"], state["total_bytes"]
+        self._ledger = {tuple(k): list(v) for k, v in state["ledger"]}
+        self._records = [_Record(*r) for r in state["records"]]
+
     def reset(self) -> None:
         """Forget the transcript and the counters (the step counter too)."""
         self._records.clear()

@@ -1,0 +1,197 @@
+"""Federated engine: executors agree, FedAvg learns, the wire carries every update, bad input is refused."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from toolkit import data, models
+from toolkit.audit import find_rows
+from toolkit.federated import ClientData, FedConfig, FederatedAveraging
+from toolkit.federated.server import FedAdam
+from toolkit.parties import flat_state
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits")
+
+
+@pytest.fixture(scope="module")
+def iid10(digits):
+    return data.partition(digits, 10, "iid", seed=0)
+
+
+def mlp():
+    torch.manual_seed(0)
+    return models.mlp([64, 128, 10])
+
+
+@pytest.mark.parametrize("settings", [
+    {},
+    {"momentum": 0.9, "weight_decay": 1e-3, "local_epochs": 2, "batch_size": 16},
+    {"mu": 0.1, "fraction": 0.5, "dropout": 0.2},
+    {"server_optimizer": "fedadam", "server_lr": 0.01},
+])
+def test_vectorized_executor_equals_sequential_reference_after_three_rounds(digits, settings):
+    clients = data.partition(digits, 7, "dirichlet", alpha=0.5, seed=1)  # uneven client sizes
+    runs = {}
+    for executor in ("sequential", "vectorized"):
+        fl = FederatedAveraging(mlp(), clients, config=FedConfig(executor=executor, seed=4, **settings))
+        history = fl.fit(rounds=3)
+        runs[executor] = (fl.weights, history)
+    (w_seq, h_seq), (w_vec, h_vec) = runs["sequential"], runs["vectorized"]
+    assert torch.allclose(w_seq, w_vec, atol=1e-5, rtol=0)
+    assert h_seq["loss"].tolist() == pytest.approx(h_vec["loss"].tolist(), abs=1e-5)
+    assert h_seq["clients"].tolist() == h_vec["clients"].tolist()
+
+
+@pytest.fixture(scope="module")
+def fedavg_run(iid10):
+    fl = FederatedAveraging(mlp(), iid10, config=FedConfig(lr=0.5, local_epochs=2))
+    return fl, fl.fit(rounds=40)
+
+
+def test_fedavg_learns_digits_with_ten_iid_clients(fedavg_run):
+    fl, history = fedavg_run
+    assert history["accuracy"].iloc[-1] >= 0.95, history.tail()
+    assert history["loss"].iloc[-1] < history["loss"].iloc[0]
+    assert list(history.columns[:4]) == ["round", "loss", "test_loss", "accuracy"]
+
+
+def test_every_update_crosses_the_wire_and_bytes_add_up(fedavg_run, digits):
+    fl, history = fedavg_run
+    p = len(fl.weights)
+    assert (history["bytes_up"] == 10 * p * 4).all() and (history["bytes_down"] == 10 * p * 4).all()
+    updates = fl.wire.observed(by="server", kind="update")
+    assert len(updates) == 40 * 10 and {u.sender for u in updates} == {f"client:{i}" for i in range(10)}
+    assert len(fl.wire.observed(by="client:3", kind="weights")) == 40
+    assert {t.kind for t in fl.wire.observed()} == {"update", "weights"}
+    assert find_rows(fl.wire.observed(), digits.x_train) == []
+    assert fl.wire.total_bytes == history["bytes_up"].sum() + history["bytes_down"].sum()
+    assert sum(t.nbytes for t in fl.wire.observed()) == fl.wire.total_bytes
+
+
+def test_server_update_is_the_sample_weighted_mean_of_the_updates(digits):
+    clients = data.partition(digits, 4, "dirichlet", alpha=1.0, seed=2)
+    fl = FederatedAveraging(mlp(), clients, config=FedConfig(seed=1))
+    before = fl.weights.clone()
+    fl.fit(rounds=1)
+    got = fl.wire.observed(by="server", kind="update")
+    sizes = torch.tensor([len(c.y_train) for c in clients], dtype=torch.float64)
+    mean = sum(t.tensor.double() * n for t, n in zip(got, sizes)) / sizes.sum()
+    assert torch.allclose(fl.weights.double(), before.double() + mean, atol=1e-6)
+
+
+def test_dirichlet_skew_still_learns_and_fedprox_runs(digits):
+    clients = data.partition(digits, 10, "dirichlet", alpha=0.1, seed=0)
+    results = {}
+    for mu in (0.0, 0.1):
+        fl = FederatedAveraging(mlp(), clients, config=FedConfig(lr=0.1, mu=mu, local_epochs=2))
+        results[mu] = fl.fit(rounds=20)["accuracy"].iloc[-1]
+    assert results[0.0] > 0.6 and results[0.1] > 0.6, results
+
+
+@pytest.mark.parametrize("server_optimizer,server_lr", [("fedavgm", 1.0), ("fedadam", 0.01)])
+def test_server_optimizers_learn(iid10, server_optimizer, server_lr):
+    fl = FederatedAveraging(mlp(), iid10, config=FedConfig(lr=0.1, server_optimizer=server_optimizer,
+                                                           server_lr=server_lr))
+    assert fl.fit(rounds=15)["accuracy"].iloc[-1] > 0.85
+
+
+def test_fedadam_step_by_hand():
+    opt = FedAdam(FedConfig(server_lr=0.1, server_betas=(0.5, 0.75), server_tau=0.01))
+    w = opt.step(torch.zeros(2), torch.tensor([1.0, -2.0]))
+    m, v = torch.tensor([0.5, -1.0]), torch.tensor([0.25, 1.0])
+    assert torch.allclose(w, 0.1 * m / (v.sqrt() + 0.01))
+
+
+def test_dropouts_are_counted_and_a_round_where_everyone_drops_changes_nothing(iid10):
+    fl = FederatedAveraging(mlp(), iid10, config=FedConfig(fraction=0.5, dropout=0.5, seed=3))
+    history = fl.fit(rounds=6)
+    assert (history["sampled"] == 5).all()
+    assert (history["clients"] + history["dropped"] == history["sampled"]).all()
+    assert history["dropped"].sum() > 0
+    lonely = FederatedAveraging(mlp(), iid10, config=FedConfig(fraction=0.1, dropout=0.9, seed=0))
+    for _ in range(20):
+        before = lonely.weights.clone()
+        row = lonely.fit(rounds=1).iloc[0]
+        if row["clients"] == 0:
+            assert torch.equal(lonely.weights, before) and row["bytes_up"] == 0
+            break
+    else:
+        pytest.fail("no round without participants in 20 tries")
+
+
+def test_a_nan_update_is_dropped_with_a_warning_and_recorded(iid10):
+    def poison(updates, *, generator=None):
+        return updates * float("nan")
+
+    fl = FederatedAveraging(mlp(), iid10, config=FedConfig(lr=0.5), malicious={2: poison})
+    with pytest.warns(RuntimeWarning, match=r"dropped non-finite .*client:2"):
+        history = fl.fit(rounds=3)
+    assert history["rejected"].tolist() == [1, 1, 1] and torch.isfinite(fl.weights).all()
+    assert history["accuracy"].iloc[-1] > 0.5
+
+
+def test_batchnorm_models_fall_back_to_the_reference_with_a_clear_warning(iid10):
+    def bn_model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+
+    vec = FederatedAveraging(bn_model(), iid10, config=FedConfig(executor="vectorized"))
+    with pytest.warns(UserWarning, match="BatchNorm1d.*running statistics.*falling back to the sequential"):
+        vec.fit(rounds=2)
+    seq = FederatedAveraging(bn_model(), iid10, config=FedConfig(executor="sequential"))
+    seq.fit(rounds=2)
+    assert torch.equal(vec.weights, seq.weights)
+    running_mean = vec.weights[-(32 * 2 + 1):-(32 + 1)]  # buffers travel too and are averaged
+    assert running_mean.abs().sum() > 0
+
+
+def test_same_seed_same_numbers(iid10):
+    a = FederatedAveraging(mlp(), iid10, config=FedConfig(fraction=0.5, seed=9)).fit(rounds=3)
+    b = FederatedAveraging(mlp(), iid10, config=FedConfig(fraction=0.5, seed=9)).fit(rounds=3)
+    cols = ["loss", "accuracy", "bytes_up", "clients"]
+    assert a[cols].equals(b[cols])
+
+
+def test_manifest_traces_the_run(iid10):
+    fl = FederatedAveraging(mlp(), iid10, config=FedConfig(seed=5))
+    history = fl.fit(rounds=1)
+    m = history.attrs["manifest"]
+    assert m["seed"] == 5 and m["config"]["lr"] == 0.05 and m["packages"]["torch"].startswith("2.")
+    assert m["protocol"] == "FederatedAveraging" and m["round"] == 1 and m["clients"] == 10
+
+
+# -- bad input --------------------------------------------------------------------------------
+def test_bad_federated_input(digits, iid10):
+    with pytest.raises(ValueError, match="at least one client, got zero"):
+        FederatedAveraging(mlp(), [])
+    with pytest.raises(ValueError, match="client:1 has no data"):
+        FederatedAveraging(mlp(), [iid10[0], digits.subset(torch.arange(0))])
+    for fraction in (0.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match="fraction must lie in"):
+            FedConfig(fraction=fraction)
+    with pytest.raises(ValueError, match="dropout must lie in"):
+        FedConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="unknown aggregator 'mode'"):
+        FederatedAveraging(mlp(), iid10, aggregator="mode")
+    with pytest.raises(ValueError, match="unknown executor"):
+        FederatedAveraging(mlp(), iid10, config=FedConfig(executor="ray"))
+    with pytest.raises(ValueError, match="cannot take the clients' inputs"):
+        FederatedAveraging(models.mlp([32, 10]), iid10)
+    with pytest.raises(ValueError, match="outputs .* but the labels have 10 classes"):
+        FederatedAveraging(models.mlp([64, 5]), iid10)
+    with pytest.raises(ValueError, match="malicious client indices \\[12\\]"):
+        FederatedAveraging(mlp(), iid10, malicious={12: lambda u, generator=None: u})
+    with pytest.raises(ValueError, match="rounds must be a positive int"):
+        FederatedAveraging(mlp(), iid10).fit(rounds=0)
+
+
+def test_client_data_stacks_and_pads(iid10):
+    cd = ClientData(iid10)
+    assert len(cd) == 10 and cd.x.shape[:2] == (10, int(cd.counts.max())) and cd.shape == (1, 8, 8)
+    assert torch.equal(cd.x[3, :cd.counts[3]], iid10[3].x_train)
+    assert "10 clients, 1437 samples" in repr(cd)

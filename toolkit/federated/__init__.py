@@ -1,0 +1,13 @@
+"""Federated learning: FedAvg and its family, a vectorized simulation of many clients, robust
+aggregation, compression, and asynchronous training. Every update crosses the Wire."""
+from toolkit.federated.aggregators import AGGREGATORS, make_aggregator
+from toolkit.federated.clients import ClientData, RoundPlan, plan_round
+from toolkit.federated.compression import COMPRESSORS, make_compressor
+from toolkit.federated.config import FedConfig
+from toolkit.federated.executors import EXECUTORS, SequentialExecutor, VectorizedExecutor
+from toolkit.federated.fedavg import FederatedAveraging
+from toolkit.federated.server import SERVER_OPTIMIZERS
+
+__all__ = ["AGGREGATORS", "COMPRESSORS", "ClientData", "EXECUTORS", "FedConfig", "FederatedAveraging",
+           "RoundPlan", "SERVER_OPTIMIZERS", "SequentialExecutor", "VectorizedExecutor", "make_aggregator",
+           "make_compressor", "plan_round"]

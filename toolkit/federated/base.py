@@ -1,0 +1,215 @@
+"""What every federated protocol shares: clients, the global model, local training, the upload
+through the Wire (compression, malicious clients, rejection of NaN updates), evaluation, history,
+and exact checkpoint/resume with a manifest."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from toolkit.federated.aggregators import AGGREGATORS, Aggregator, make_aggregator
+from toolkit.federated.clients import ClientData, RoundPlan, plan_round
+from toolkit.federated.compression import Compressor
+from toolkit.federated.config import FedConfig
+from toolkit.federated.executors import EXECUTORS
+from toolkit.parties import flat_state, load_flat_state
+from toolkit.provenance import load_checkpoint, manifest, save_checkpoint
+from toolkit.wire import Wire
+
+CHECKPOINT_FORMAT = "leaklab-federated-1"
+
+
+class FederatedProtocol:
+    """Base of FederatedAveraging, FedAsync and FedBuff (see those for the algorithms).
+
+    Args:
+        model: the global model (its current weights are the starting point; it is updated in place).
+        clients: one dataset per client (e.g. from :func:`toolkit.data.partition`) or a ClientData.
+        test: a dataset whose ``x_test``/``y_test`` the server evaluates on (default: the first
+            client's test split, which partitions share).
+        config: a :class:`FedConfig`.
+        wire: the Wire updates cross (kind ``"update"``) and weights come down (kind ``"weights"``).
+        aggregator: name in ``AGGREGATORS`` or an Aggregator (robust aggregation).
+        compressor: a Compressor applied to uploads (e.g. ``TopK(0.01)``), or None.
+        malicious: client index -> callable rewriting that client's update rows
+            (``fn(updates (M, P), generator=...) -> (M, P)``, see ``attacks.poisoning``).
+    """
+
+    name = "federated"
+
+    def __init__(self, model: nn.Module, clients: Sequence | ClientData, *, test: Any = None,
+                 config: FedConfig | None = None, wire: Wire | None = None,
+                 aggregator: Aggregator | str = "mean", compressor: Compressor | None = None,
+                 malicious: Mapping[int, Callable[..., Tensor]] | None = None):
+        self.config = config or FedConfig()
+        self.model = model
+        self.data = clients if isinstance(clients, ClientData) else ClientData(clients)
+        test = test if test is not None else (clients[0] if not isinstance(clients, ClientData) else None)
+        if test is None or not hasattr(test, "x_test"):
+            raise ValueError("the server needs a test set: pass test=<a dataset with x_test and y_test>")
+        self.x_test, self.y_test = test.x_test, test.y_test
+        self.wire = wire if wire is not None else Wire(record=self.config.record)
+        if isinstance(aggregator, str):
+            if aggregator not in AGGREGATORS:
+                raise ValueError(f"unknown aggregator {aggregator!r}; choose one of {sorted(AGGREGATORS)}")
+            aggregator = make_aggregator(aggregator)
+        self.aggregator = aggregator
+        self.compressor = compressor
+        self.malicious = dict(malicious or {})
+        bad = [c for c in self.malicious if not 0 <= c < len(self.data)]
+        if bad:
+            raise ValueError(f"malicious client indices {bad} are not clients (there are {len(self.data)})")
+        if self.config.executor not in EXECUTORS:
+            raise ValueError(f"unknown executor {self.config.executor!r}; choose one of {sorted(EXECUTORS)}")
+        self.executor = EXECUTORS[self.config.executor]()
+        self.weights = flat_state(model).clone()  # (P,) global weights: parameters, then floating buffers
+        self._check_model()
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.round = 0
+        self.history = pd.DataFrame()
+
+    def _check_model(self) -> None:
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()  # no BatchNorm statistics change
+        try:
+            with torch.no_grad():
+                out = self.model(self.data.x[0, :2])
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"the model cannot take the clients' inputs of shape {self.data.shape}: {err}") from None
+        finally:
+            for m, mode in modes:
+                m.train(mode)
+        n_classes = int(self.data.y.max()) + 1
+        if out.dim() != 2 or out.shape[1] < n_classes:
+            raise ValueError(f"the model outputs {tuple(out.shape[1:])} per sample but the labels have "
+                             f"{n_classes} classes")
+
+    # -- one client round trip ---------------------------------------------------------------
+    def _plan(self, clients: Tensor | None = None) -> RoundPlan:
+        c = self.config
+        return plan_round(self.data, fraction=c.fraction, dropout=c.dropout, epochs=c.local_epochs,
+                          generator=self.generator, clients=clients)
+
+    def _download(self, weights: Tensor, clients: Tensor) -> int:
+        before = self.wire.total_bytes
+        names = tuple(self.data.names[i] for i in clients.tolist())
+        if names:
+            self.wire.broadcast(weights, sender="server", receivers=names, kind="weights")
+        return self.wire.total_bytes - before
+
+    def _local_train(self, weights: Tensor, plan: RoundPlan) -> tuple[Tensor, Tensor]:
+        """The training clients' updates (M, P), after malicious clients rewrote theirs."""
+        updates, losses = self.executor.train(self.model, weights, self.data, plan, self.config)
+        load_flat_state(self.model, self.weights)
+        for fn in {id(f): f for f in self.malicious.values()}.values():
+            bad = torch.tensor([c for c, f in self.malicious.items() if f is fn])
+            rows = torch.isin(plan.clients, bad).nonzero().flatten()
+            if len(rows):
+                updates[rows] = fn(updates[rows], generator=self.generator)
+        return updates, losses
+
+    def _upload(self, updates: Tensor, clients: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Clients send their updates over the wire (compressed if set); the server drops rows
+        with NaN or Inf, with a warning. Returns (received rows kept, their clients, bytes up)."""
+        before = self.wire.total_bytes
+        names = tuple(self.data.names[i] for i in clients.tolist())
+        if self.compressor is not None:
+            packet = self.compressor.compress(updates, clients, generator=self.generator)
+            received = self.compressor.decompress(self.wire.send(packet, sender=names, receiver="server",
+                                                                 kind="update"))
+        else:
+            received = self.wire.send(updates, sender=names, receiver="server", kind="update")
+        finite = torch.isfinite(received.sum(dim=1))  # (M,) a NaN/Inf makes its row's sum non-finite
+        if not bool(finite.all()):
+            suspect = (~finite).nonzero().flatten()
+            finite[suspect] = torch.isfinite(received[suspect]).all(dim=1)  # rows that merely overflowed
+        if not bool(finite.all()):
+            rejected = [names[i] for i in (~finite).nonzero().flatten().tolist()]
+            warnings.warn(f"round {self.round + 1}: dropped non-finite (NaN/Inf) updates from {rejected}",
+                          RuntimeWarning, stacklevel=3)
+        return received[finite], clients[finite], self.wire.total_bytes - before
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Test loss and accuracy of the global model (on the server's test set)."""
+        load_flat_state(self.model, self.weights)
+        self.model.eval()
+        loss, correct = 0.0, 0
+        for lo in range(0, len(self.y_test), self.config.eval_batch_size):
+            x = self.x_test[lo:lo + self.config.eval_batch_size]
+            y = self.y_test[lo:lo + self.config.eval_batch_size]
+            out = self.model(x)
+            loss += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+        self.model.train()
+        return {"test_loss": loss / len(self.y_test), "accuracy": correct / len(self.y_test)}
+
+    def _record(self, rows: list[dict[str, Any]]) -> pd.DataFrame:
+        frame = pd.DataFrame(rows)
+        self.history = pd.concat([self.history, frame], ignore_index=True) if len(self.history) else frame
+        frame.attrs["manifest"] = self.history.attrs["manifest"] = self.manifest()
+        return frame
+
+    # -- provenance ----------------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        """Versions, seed, full config and the protocol's parts, for tracing a result."""
+        return manifest(self.config, protocol=type(self).__name__, round=self.round,
+                        aggregator=repr(self.aggregator), compressor=repr(self.compressor),
+                        malicious={c: repr(f) for c, f in self.malicious.items()},
+                        clients=len(self.data), parameters=len(self.weights))
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def save(self, path: str | Path) -> Path:
+        """Checkpoint everything a resumed run needs to continue exactly (atomic write)."""
+        state = {
+            "format": CHECKPOINT_FORMAT, "protocol": type(self).__name__, "round": self.round,
+            "config": asdict(self.config), "weights": self.weights.clone(),
+            "generator": self.generator.get_state(), "history": self.history.to_dict("list"),
+            "wire": self.wire.state_dict(), "clients": len(self.data), "manifest": self.manifest(),
+            "compressor": self.compressor.state_dict() if self.compressor is not None else None,
+            **self._extra_state(),
+        }
+        return save_checkpoint(state, path)
+
+    def load(self, path: str | Path) -> None:
+        """Restore a checkpoint into this (identically built) protocol; refuses a mismatch."""
+        state = load_checkpoint(path)
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("protocol") != type(self).__name__:
+            raise ValueError(f"{path} holds a {state.get('protocol')} checkpoint, not {type(self).__name__}")
+        if len(state["weights"]) != len(self.weights):
+            raise ValueError(f"mismatched parameter shapes: the checkpoint holds {len(state['weights'])} weights, "
+                             f"this model has {len(self.weights)}")
+        if state["clients"] != len(self.data):
+            raise ValueError(f"the checkpoint was made with {state['clients']} clients, this run has {len(self.data)}")
+        mine = asdict(self.config)
+        theirs = {**state["config"], "server_betas": tuple(state["config"]["server_betas"])}
+        diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+        if diff:
+            raise ValueError(f"the checkpoint's config differs in {diff}: build the protocol with the same config")
+        self.round = state["round"]
+        self.weights = state["weights"].clone()
+        load_flat_state(self.model, self.weights)
+        self.generator.set_state(state["generator"])
+        self.history = pd.DataFrame(state["history"])
+        self.wire.load_state_dict(state["wire"])
+        if self.compressor is not None and state["compressor"] is not None:
+            self.compressor.load_state_dict(state["compressor"])
+        self._load_extra_state(state)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.data!r}, round {self.round}, executor={self.executor.name}, "
+                f"aggregator={self.aggregator!r}, compressor={self.compressor!r}, "
+                f"{len(self.malicious)} malicious)")
