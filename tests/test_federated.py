@@ -188,6 +188,40 @@ def test_bad_federated_input(digits, iid10):
         FederatedAveraging(mlp(), iid10, malicious={12: lambda u, generator=None: u})
     with pytest.raises(ValueError, match="rounds must be a positive int"):
         FederatedAveraging(mlp(), iid10).fit(rounds=0)
+    truncated = FederatedAveraging(mlp(), iid10, malicious={4: lambda u, generator=None: u[:, :100]})
+    before = truncated.weights.clone()
+    with pytest.raises(ValueError, match=r"mismatched parameter shapes: .* returned \(1, 100\) .* \[4\]"):
+        truncated.fit(rounds=1)
+    assert torch.equal(truncated.weights, before)  # nothing half-applied
+
+
+def test_client_data_from_indices_equals_the_partition(digits):
+    parts = data.iid(digits.y_train, 7, seed=3)
+    a = ClientData.from_indices(digits, parts)
+    b = ClientData([digits.subset(i) for i in parts])
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and torch.equal(a.counts, b.counts)
+    with pytest.raises(ValueError, match="client:1 has no data"):
+        ClientData.from_indices(digits, [parts[0], torch.tensor([], dtype=torch.long)])
+
+
+@pytest.mark.parametrize("builder", ["mlp-vmap", "convnet-vmap"])
+def test_vmap_path_equals_hand_written_mlp_and_the_reference(digits, builder):
+    """The MLP normally takes the hand-written batched path; vmap serves every other model."""
+    from toolkit.federated.executors import VectorizedExecutor
+
+    clients = data.partition(digits, 5, "dirichlet", alpha=0.5, seed=1)
+    make = (lambda: mlp()) if builder == "mlp-vmap" else (
+        lambda: (torch.manual_seed(0), models.convnet(width=4))[1])
+    config = FedConfig(momentum=0.5, mu=0.05, batch_size=16, seed=2)
+    runs = []
+    for executor in (VectorizedExecutor(hand_written_mlp=False), VectorizedExecutor(chunk_bytes=50_000), None):
+        fl = FederatedAveraging(make(), clients, config=config if executor else
+                                FedConfig(momentum=0.5, mu=0.05, batch_size=16, seed=2, executor="sequential"))
+        if executor is not None:
+            fl.executor = executor
+        fl.fit(rounds=2)
+        runs.append(fl.weights)
+    assert torch.allclose(runs[0], runs[2], atol=1e-5, rtol=0) and torch.allclose(runs[1], runs[2], atol=1e-5, rtol=0)
 
 
 def test_client_data_stacks_and_pads(iid10):

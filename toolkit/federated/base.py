@@ -104,15 +104,21 @@ class FederatedProtocol:
             self.wire.broadcast(weights, sender="server", receivers=names, kind="weights")
         return self.wire.total_bytes - before
 
-    def _local_train(self, weights: Tensor, plan: RoundPlan) -> tuple[Tensor, Tensor]:
-        """The training clients' updates (M, P), after malicious clients rewrote theirs."""
-        updates, losses = self.executor.train(self.model, weights, self.data, plan, self.config)
+    def _local_train(self, weights: Tensor, plan: RoundPlan, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The training clients' updates (M, P), after malicious clients rewrote theirs (written
+        into ``out`` when given)."""
+        updates, losses = self.executor.train(self.model, weights, self.data, plan, self.config, out)
         load_flat_state(self.model, self.weights)
         for fn in {id(f): f for f in self.malicious.values()}.values():
             bad = torch.tensor([c for c, f in self.malicious.items() if f is fn])
             rows = torch.isin(plan.clients, bad).nonzero().flatten()
             if len(rows):
-                updates[rows] = fn(updates[rows], generator=self.generator)
+                forged = fn(updates[rows], generator=self.generator)
+                if not isinstance(forged, Tensor) or forged.shape != (len(rows), updates.shape[1]):
+                    shape = tuple(forged.shape) if isinstance(forged, Tensor) else type(forged).__name__
+                    raise ValueError(f"mismatched parameter shapes: malicious {fn!r} returned {shape} for "
+                                     f"clients {plan.clients[rows].tolist()}, expected ({len(rows)}, {updates.shape[1]})")
+                updates[rows] = forged
         return updates, losses
 
     def _upload(self, updates: Tensor, clients: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -130,10 +136,11 @@ class FederatedProtocol:
         if not bool(finite.all()):
             suspect = (~finite).nonzero().flatten()
             finite[suspect] = torch.isfinite(received[suspect]).all(dim=1)  # rows that merely overflowed
-        if not bool(finite.all()):
-            rejected = [names[i] for i in (~finite).nonzero().flatten().tolist()]
-            warnings.warn(f"round {self.round + 1}: dropped non-finite (NaN/Inf) updates from {rejected}",
-                          RuntimeWarning, stacklevel=3)
+        if bool(finite.all()):
+            return received, clients, self.wire.total_bytes - before
+        rejected = [names[i] for i in (~finite).nonzero().flatten().tolist()]
+        warnings.warn(f"round {self.round + 1}: dropped non-finite (NaN/Inf) updates from {rejected}",
+                      RuntimeWarning, stacklevel=3)
         return received[finite], clients[finite], self.wire.total_bytes - before
 
     # -- evaluation ----------------------------------------------------------------------------

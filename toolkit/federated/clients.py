@@ -44,6 +44,28 @@ class ClientData:
             self.y[i, :len(ds.y_train)] = ds.y_train
         self.names = tuple(f"client:{i}" for i in range(len(datasets)))
 
+    @classmethod
+    def from_indices(cls, dataset, indices: Sequence[Tensor]) -> ClientData:
+        """Clients from one dataset and each client's training-row indices (e.g. from
+        :func:`toolkit.data.iid`), without an intermediate copy per client."""
+        out = cls.__new__(cls)
+        if len(indices) == 0:
+            raise ValueError("federated learning needs at least one client, got zero")
+        counts = torch.tensor([len(i) for i in indices])
+        empty = (counts == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"client:{empty[0]} has no data")
+        padded = torch.zeros(len(indices), int(counts.max()), dtype=torch.long)  # (N, n_max) row numbers
+        for i, idx in enumerate(indices):
+            padded[i, :len(idx)] = torch.as_tensor(idx)
+        pad = torch.arange(padded.shape[1]) >= counts[:, None]  # (N, n_max) padding positions
+        out.counts = counts
+        out.x = dataset.x_train[padded]  # (N, n_max, ...)
+        out.x[pad] = 0
+        out.y = dataset.y_train[padded].masked_fill_(pad, 0)
+        out.names = tuple(f"client:{i}" for i in range(len(indices)))
+        return out
+
     def __len__(self) -> int:
         return len(self.counts)
 

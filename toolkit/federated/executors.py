@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from toolkit.federated.batched import BatchedMLP
 from toolkit.federated.clients import ClientData, RoundPlan
 from toolkit.federated.config import FedConfig
 from toolkit.parties import flat_state, load_flat_state
@@ -23,8 +24,9 @@ from toolkit.parties import flat_state, load_flat_state
 
 class Executor(Protocol):
     def train(self, model: nn.Module, weights: Tensor, data: ClientData, plan: RoundPlan,
-              config: FedConfig) -> tuple[Tensor, Tensor]:
-        """Returns (updates (M, P), mean training loss per client (M,))."""
+              config: FedConfig, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Returns (updates (M, P), mean training loss per client (M,)); writes the updates into
+        ``out`` when given (a buffer the caller reuses between rounds)."""
 
 
 class SequentialExecutor:
@@ -33,10 +35,10 @@ class SequentialExecutor:
     name = "sequential"
 
     def train(self, model: nn.Module, weights: Tensor, data: ClientData, plan: RoundPlan,
-              config: FedConfig) -> tuple[Tensor, Tensor]:
-        updates = torch.empty(len(plan.clients), len(weights), dtype=weights.dtype)
+              config: FedConfig, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        updates = _output(out, len(plan.clients), weights)
         losses = torch.zeros(len(plan.clients), dtype=torch.float64)
-        anchor = [p.detach().clone() for p in model.parameters()] if config.mu else []
+        anchor: list[Tensor] = []
         model.train()
         for row, (client, count) in enumerate(zip(plan.clients.tolist(), plan.counts.tolist())):
             load_flat_state(model, weights)
@@ -84,23 +86,41 @@ class VectorizedExecutor:
 
     name = "vectorized"
 
-    def __init__(self) -> None:
+    def __init__(self, chunk_bytes: int = 64 * 2**20, *, hand_written_mlp: bool = True) -> None:
+        """``chunk_bytes``: working memory per pass (weights, gradients and a batch per client);
+        more clients than fit are trained in several passes. ``hand_written_mlp``: use
+        :class:`~toolkit.federated.batched.BatchedMLP` for plain MLPs instead of ``vmap``."""
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        self.chunk_bytes = chunk_bytes
+        self.hand_written_mlp = hand_written_mlp
         self._fallback: SequentialExecutor | None = None
         self._grad_fns: dict[tuple[int, bool], object] = {}
+        self._batch: Tensor | None = None  # reused gather buffer: big fresh allocations page-fault
+
+    def _gather(self, rows: Tensor, idx: Tensor) -> Tensor:
+        """``rows[idx]`` written into a buffer kept between steps (a step's graph is gone by the next)."""
+        size = len(idx) * rows[0].numel()
+        if self._batch is None or self._batch.numel() < size or self._batch.dtype != rows.dtype:
+            self._batch = torch.empty(size, dtype=rows.dtype)
+        out = self._batch[:size].view(len(idx), *rows.shape[1:])
+        return torch.index_select(rows, 0, idx, out=out)
 
     def train(self, model: nn.Module, weights: Tensor, data: ClientData, plan: RoundPlan,
-              config: FedConfig) -> tuple[Tensor, Tensor]:
+              config: FedConfig, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
         reason = unsupported(model)
         if reason is not None:
             if self._fallback is None:
                 warnings.warn(f"the vectorized executor cannot vectorize this model: {reason}; "
                               f"falling back to the sequential executor", stacklevel=3)
                 self._fallback = SequentialExecutor()
-            return self._fallback.train(model, weights, data, plan, config)
-        return self._train(model, weights, data, plan, config)
+            return self._fallback.train(model, weights, data, plan, config, out)
+        return self._train(model, weights, data, plan, config, out)
 
     def _grad_fn(self, model: nn.Module, prox: bool):
         key = (id(model), prox)
+        if key not in self._grad_fns and self.hand_written_mlp and BatchedMLP.supports(model):
+            self._grad_fns[key] = BatchedMLP(model)
         if key not in self._grad_fns:
             def loss_fn(params, x, y, mask, anchor, mu):
                 out = functional_call(model, params, (x,))  # (B, classes)
@@ -115,43 +135,60 @@ class VectorizedExecutor:
         return self._grad_fns[key]
 
     def _train(self, model: nn.Module, weights: Tensor, data: ClientData, plan: RoundPlan,
-               config: FedConfig) -> tuple[Tensor, Tensor]:
+               config: FedConfig, out: Tensor | None) -> tuple[Tensor, Tensor]:
         m = len(plan.clients)
         load_flat_state(model, weights)
         model.train()
         start = {n: p.detach() for n, p in model.named_parameters()}
         n_params = sum(p.numel() for p in start.values())
-        # Every client's weights in one (M, P) buffer; each parameter is a view into it, so the
-        # SGD steps write in place and the buffer becomes the updates at the end.
-        flat = weights[:n_params].expand(m, n_params).clone()
+        # Clients train in chunks that fit the memory budget, in place inside the output: each
+        # parameter is a view into a chunk's rows, and the rows become the updates at the end.
+        updates = _output(out, m, weights)  # (M, P)
+        updates[:, n_params:] = 0  # floating buffers: a vectorizable model never changes them
+        losses = torch.empty(m, dtype=torch.float64)
+        per_client = 4 * (n_params * (3 if config.momentum else 2) + config.batch_size * data.x[0, 0].numel())
+        chunk = max(1, self.chunk_bytes // per_client)
+        for lo in range(0, m, chunk):
+            rows = slice(lo, min(lo + chunk, m))
+            losses[rows] = self._train_chunk(model, start, weights[:n_params], updates[rows, :n_params], data,
+                                             plan, rows, config)
+        return updates, losses
+
+    def _train_chunk(self, model: nn.Module, start: dict[str, Tensor], weights: Tensor, flat: Tensor,
+                     data: ClientData, plan: RoundPlan, rows: slice, config: FedConfig) -> Tensor:
+        """Local training of plan.clients[rows], in place in ``flat`` (C, P); returns mean losses (C,)."""
+        m = len(flat)
+        flat.copy_(weights.expand_as(flat))
         params, offset = {}, 0
         for name, p in start.items():
             params[name] = flat[:, offset:offset + p.numel()].view(m, *p.shape)
             offset += p.numel()
         buffers = {n: torch.zeros_like(p) for n, p in params.items()} if config.momentum else {}
         grad_fn = self._grad_fn(model, prox=config.mu > 0)
-        counts = plan.counts  # (M,)
+        counts = plan.counts[rows]  # (C,)
         n_max = int(counts.max())
-        clients = plan.clients[:, None]
+        first_row = (plan.clients[rows] * data.x.shape[1])[:, None]  # (C, 1) each client's first row in x_rows
+        x_rows = data.x.view(-1, *data.x.shape[2:])  # (N * n_max, ...)
+        y_rows = data.y.view(-1)
         loss_sum = torch.zeros(m, dtype=torch.float64)
         steps = torch.zeros(m, dtype=torch.float64)
         first = True
         for order in plan.orders:
             for lo in range(0, n_max, config.batch_size):
                 hi = min(lo + config.batch_size, n_max)
-                pos = order[:, lo:hi]  # (M, b) sample positions of this step
-                mask = (torch.arange(lo, hi) < counts[:, None]).to(data.x.dtype)  # (M, b) real samples
-                active = counts > lo  # (M,) clients with a batch at this step
-                x, y = data.x[clients, pos], data.y[clients, pos]  # (M, b, ...), (M, b)
+                pos = order[rows, lo:hi]  # (C, b) sample positions of this step
+                mask = (torch.arange(lo, hi) < counts[:, None]).to(data.x.dtype)  # (C, b) real samples
+                active = counts > lo  # (C,) clients with a batch at this step
+                idx = (first_row + pos).view(-1)
+                x = self._gather(x_rows, idx).view(m, hi - lo, *data.shape)  # (C, b, ...)
+                y = y_rows[idx].view(m, hi - lo)  # (C, b)
                 grads, loss = grad_fn(params, x, y, mask, start, config.mu)
                 loss_sum += torch.where(active, loss.double(), 0.0)
                 steps += active.double()
                 _sgd(params, grads, buffers, active, first, config)
                 first = False
-        updates = flat.sub_(weights[:n_params])  # (M, P_params)
-        if len(weights) > n_params:  # floating buffers: a vectorizable model never changes them
-            updates = torch.cat([updates, updates.new_zeros(m, len(weights) - n_params)], dim=1)
-        return updates, loss_sum / steps.clamp(min=1)
+        flat.sub_(weights)  # the updates
+        return loss_sum / steps.clamp(min=1)
 
 
 def _sgd(params: dict[str, Tensor], grads: dict[str, Tensor], buffers: dict[str, Tensor], active: Tensor,
@@ -179,6 +216,14 @@ def _sgd(params: dict[str, Tensor], grads: dict[str, Tensor], buffers: dict[str,
             p.sub_(g, alpha=config.lr)
         else:
             p.addcmul_(g, mask.to(p.dtype), value=-config.lr)
+
+
+def _output(out: Tensor | None, m: int, weights: Tensor) -> Tensor:
+    if out is None:
+        return torch.empty(m, len(weights), dtype=weights.dtype)
+    if out.shape != (m, len(weights)) or out.dtype != weights.dtype:
+        raise ValueError(f"out must be ({m}, {len(weights)}) {weights.dtype}, got {tuple(out.shape)} {out.dtype}")
+    return out
 
 
 EXECUTORS = {"sequential": SequentialExecutor, "vectorized": VectorizedExecutor}

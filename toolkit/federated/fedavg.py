@@ -5,6 +5,8 @@ import time
 from typing import Any
 
 import pandas as pd
+import torch
+from torch import Tensor
 
 from toolkit.federated.base import FederatedProtocol
 from toolkit.federated.server import make_server_optimizer
@@ -39,6 +41,7 @@ class FederatedAveraging(FederatedProtocol):
         self.server_optimizer = make_server_optimizer(self.config)
         self.delays = delays
         self.clock = 0.0
+        self._updates: Tensor | None = None  # (sampled, P) reused every round: big fresh buffers page-fault
 
     def fit(self, rounds: int = 1, *, show_progress: bool = False) -> pd.DataFrame:
         """Run ``rounds`` rounds; returns one history row per round (also kept in ``self.history``)."""
@@ -56,7 +59,10 @@ class FederatedAveraging(FederatedProtocol):
         bytes_down = self._download(self.weights, sampled)
         loss, rejected, bytes_up = float("nan"), 0, 0
         if len(plan.clients):
-            updates, losses = self._local_train(self.weights, plan)
+            m = len(plan.clients)
+            if self._updates is None or len(self._updates) < m:
+                self._updates = torch.empty(max(m, plan.sampled), len(self.weights), dtype=self.weights.dtype)
+            updates, losses = self._local_train(self.weights, plan, out=self._updates[:m])
             received, kept, bytes_up = self._upload(updates, plan.clients)
             rejected = len(plan.clients) - len(kept)
             loss = float(losses.mean())

@@ -1,0 +1,162 @@
+"""Seconds per FedAvg round for many simulated clients: vectorized executor, sequential
+reference and Flower, measured side by side in one run.
+
+Workloads (1 local epoch, batch 32, SGD lr 0.05, every client every round):
+  (a) MLP 64-128-10 on scikit-learn digits (1,437 training rows) split IID over 10, 100 and
+      1,000 clients: bound by per-client overhead;
+  (b) MLP 784-64-10, 1,000 clients with 60 MNIST images each (the MNIST test set from
+      ../shared/data/mnist when present, else synthetic images of that shape): bound by
+      arithmetic, about 18 GFLOP per round (6 x samples x multiply-adds, the usual
+      forward + backward count); its floor is set by batched matrix products, whose speed
+      (GFLOP/s) this script measures in the same run as the ceiling.
+
+Each configuration runs 5 rounds in its own process (so peak memory is its own); seconds per
+round are the median of rounds 2-5 (evaluation included). Flower (flwr with Ray) runs only when
+given a Python that has it: --flower-python /path/to/venv/bin/python (see flower_fedavg.py).
+
+    python benchmarks/federated_simulation.py [--flower-python PY] [--rounds 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED_MNIST = HERE.parents[1] / "shared" / "data" / "mnist"
+FLOP_B = 6 * 1000 * 60 * (784 * 64 + 64 * 10)  # workload (b): 6 x samples x multiply-adds per round
+
+
+def clients_for(workload: str, n_clients: int):
+    import torch
+
+    from toolkit import data
+
+    if workload == "a":
+        ds = data.load("digits")
+        return ds, data.iid(ds.y_train, n_clients, seed=0), "digits"
+    if SHARED_MNIST.is_dir():
+        ds, source = data.load("mnist", root=SHARED_MNIST), "MNIST test set"
+    else:
+        g = torch.Generator().manual_seed(0)
+        teacher = torch.randn(784, 10, generator=g)
+        x = torch.rand(10_000, 1, 28, 28, generator=g)
+        y = (x.flatten(1) @ teacher).argmax(1)
+        ds = data.Dataset("synthetic-mnist", x[:8000], y[:8000], x[8000:], y[8000:], [str(i) for i in range(10)])
+        source = "synthetic MNIST-shaped images"
+    perm = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(0))
+    take = torch.arange(60)
+    return ds, [perm[(take + 60 * i) % len(perm)] for i in range(n_clients)], source
+
+
+def run_one(workload: str, n_clients: int, executor: str, rounds: int) -> dict:
+    """One configuration in this process: seconds per round, peak RSS, final accuracy."""
+    import torch
+
+    from toolkit import models
+    from toolkit.federated import ClientData, FedConfig, FederatedAveraging
+
+    ds, indices, source = clients_for(workload, n_clients)
+    torch.manual_seed(0)
+    model = models.mlp([64, 128, 10] if workload == "a" else [784, 64, 10])
+    config = FedConfig(lr=0.05, batch_size=32, local_epochs=1, executor=executor, record=False)
+    fl = FederatedAveraging(model, ClientData.from_indices(ds, indices), test=ds, config=config)
+    history = fl.fit(rounds=rounds)
+    seconds = history["seconds"].tolist()
+    return {"seconds_per_round": statistics.median(seconds[1:5]), "round_seconds": seconds,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "accuracy": float(history["accuracy"].iloc[-1]), "data": source}
+
+
+def bmm_ceiling(repeats: int = 7) -> float:
+    """GFLOP/s of torch.bmm at workload (b)'s largest product: (1000, 32, 784) @ (1000, 784, 64)."""
+    import torch
+
+    a, b = torch.rand(1000, 32, 784), torch.rand(1000, 784, 64)
+    out = torch.empty(1000, 32, 64)
+    torch.bmm(a, b, out=out)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.bmm(a, b, out=out)
+        times.append(time.perf_counter() - t0)
+    return 2 * 1000 * 32 * 784 * 64 / statistics.median(times) / 1e9
+
+
+def subprocess_json(cmd: list[str], cwd: Path | None = None) -> dict:
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--flower-python", help="a Python with flwr[simulation] installed")
+    parser.add_argument("--one", nargs=3, metavar=("WORKLOAD", "CLIENTS", "EXECUTOR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        workload, n, executor = args.one
+        print(json.dumps(run_one(workload, int(n), executor, args.rounds)))
+        return
+
+    me = [sys.executable, str(Path(__file__).resolve()), "--rounds", str(args.rounds), "--one"]
+    rows = []
+    for workload, counts in (("a", (10, 100, 1000)), ("b", (1000,))):
+        for n in counts:
+            for executor in ("vectorized", "sequential"):
+                rows.append({"workload": workload, "clients": n, "engine": executor,
+                             **subprocess_json(me + [workload, str(n), executor])})
+            if workload == "a" and args.flower_python:
+                code = f"import json, flower_fedavg as f; print(json.dumps(f.run_flower({n}, rounds=6)))"
+                rows.append({"workload": "a", "clients": n, "engine": "flower",
+                             **subprocess_json([args.flower_python, "-c", code], cwd=HERE)})
+    ceiling = bmm_ceiling()
+
+    print(f"{'workload':9s} {'clients':>7s} {'engine':11s} {'s/round':>9s} {'peak MB':>8s} {'accuracy':>8s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['workload']:9s} {r['clients']:7d} {r['engine']:11s} failed: {r['error']}")
+            continue
+        print(f"{r['workload']:9s} {r['clients']:7d} {r['engine']:11s} {r['seconds_per_round']:9.4f} "
+              f"{r['peak_rss_bytes'] / 2**20:8.0f} {r['accuracy']:8.3f}")
+
+    def sec(workload, n, engine):
+        r = next((r for r in rows if (r["workload"], r["clients"], r["engine"]) == (workload, n, engine)), None)
+        return r.get("seconds_per_round") if r else None
+
+    print("\nratios (higher is faster for the vectorized executor):")
+    for n in (10, 100, 1000):
+        vec, seq, flwr = sec("a", n, "vectorized"), sec("a", n, "sequential"), sec("a", n, "flower")
+        line = f"  (a) {n:5d} clients: sequential / vectorized = {seq / vec:6.1f}x" if vec and seq else ""
+        if vec and flwr:
+            line += f", flower / vectorized = {flwr / vec:7.1f}x"
+        print(line)
+    vec_b, seq_b = sec("b", 1000, "vectorized"), sec("b", 1000, "sequential")
+    if vec_b and seq_b:
+        print(f"  (b) 1000 clients: sequential / vectorized = {seq_b / vec_b:.1f}x")
+        print(f"\nworkload (b): {FLOP_B / 1e9:.1f} GFLOP per round; batched-matmul ceiling {ceiling:.0f} GFLOP/s")
+        for engine, s in (("vectorized", vec_b), ("sequential", seq_b)):
+            print(f"  {engine:10s} {FLOP_B / s / 1e9:6.1f} GFLOP/s = {FLOP_B / s / 1e9 / ceiling:5.1%} of the ceiling")
+    targets = []
+    if sec("a", 1000, "vectorized") and sec("a", 1000, "sequential"):
+        targets.append(("(a) 1000 clients >= 10x sequential", sec("a", 1000, "sequential") / sec("a", 1000, "vectorized") >= 10))
+    if sec("a", 1000, "flower"):
+        targets.append(("(a) 1000 clients >= 100x Flower", sec("a", 1000, "flower") / sec("a", 1000, "vectorized") >= 100))
+    if vec_b:
+        targets.append(("(b) >= 50% of the batched-matmul ceiling", FLOP_B / vec_b / 1e9 >= 0.5 * ceiling))
+    vec_rows = [r for r in rows if r["engine"] == "vectorized" and "peak_rss_bytes" in r]
+    targets.append(("vectorized peak memory < 1 GB", all(r["peak_rss_bytes"] < 2**30 for r in vec_rows)))
+    print("\ntargets:")
+    for name, ok in targets:
+        print(f"  {'met   ' if ok else 'MISSED'} {name}")
+
+
+if __name__ == "__main__":
+    main()

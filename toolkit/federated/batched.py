@@ -1,0 +1,99 @@
+"""Gradients of a plain MLP for many clients at once, written out by hand.
+
+``vmap(grad(...))`` is general but lays some batched products out badly on CPU (its weight
+gradient runs about 1.4x slower here than the same product on contiguous operands). For the
+most common federated model, a stack of Flatten / Linear / ReLU / Sigmoid / Tanh, this module
+computes the same per-client loss and gradients with batched matrix products on good layouts.
+The vectorized executor uses it when a model qualifies and ``vmap`` otherwise; tests check that
+both give the same numbers.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# activation: (forward, backward from (grad, output))
+_ACTIVATIONS: dict[type, tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]] = {
+    nn.ReLU: (torch.relu, lambda g, out: g * (out > 0)),
+    nn.Sigmoid: (torch.sigmoid, lambda g, out: g * out * (1 - out)),
+    nn.Tanh: (torch.tanh, lambda g, out: g * (1 - out * out)),
+}
+
+
+class BatchedMLP:
+    """Per-client masked cross-entropy and its gradients for an MLP, all clients at once.
+
+    Call with stacked parameters (name -> (C, *shape)), inputs (C, b, ...), labels (C, b) and a
+    mask (C, b) of real samples; returns (gradients by name, each client's loss (C,)), as
+    ``vmap(grad(loss, has_aux=True))`` over the same loss would.
+    """
+
+    def __init__(self, model: nn.Module):
+        self._buffers: dict[str, Tensor] = {}  # weight gradients, reused: fresh big tensors page-fault
+        if not self.supports(model):
+            raise ValueError(f"BatchedMLP handles Flatten/Linear/ReLU/Sigmoid/Tanh stacks, not {model}")
+        self.plan: list[tuple[str, object]] = []
+        for name, layer in model.named_children():
+            if isinstance(layer, nn.Linear):
+                self.plan.append(("linear", (f"{name}.weight", f"{name}.bias" if layer.bias is not None else None)))
+            elif type(layer) in _ACTIVATIONS:
+                self.plan.append(("act", _ACTIVATIONS[type(layer)]))
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        if not isinstance(model, nn.Sequential) or len(model) == 0:
+            return False
+        layers = list(model.children())
+        body = layers[1:] if isinstance(layers[0], nn.Flatten) and layers[0].start_dim == 1 else layers
+        return (bool(body) and isinstance(body[-1], nn.Linear)
+                and all(isinstance(m, nn.Linear) or type(m) in _ACTIVATIONS for m in body))
+
+    def __call__(self, params: dict[str, Tensor], x: Tensor, y: Tensor, mask: Tensor,
+                 anchor: dict[str, Tensor], mu: float) -> tuple[dict[str, Tensor], Tensor]:
+        c, b = y.shape
+        a = x.reshape(c, b, -1)  # (C, b, features)
+        saved = []  # per layer: its input (linear) or its output (activation)
+        for kind, spec in self.plan:
+            saved.append(a)
+            if kind == "linear":
+                w_name, b_name = spec  # type: ignore[misc]
+                w = params[w_name]  # (C, out, in)
+                a = torch.bmm(a, w.transpose(1, 2)) if b_name is None else \
+                    torch.baddbmm(params[b_name].unsqueeze(1), a, w.transpose(1, 2))
+            else:
+                a = spec[0](a)  # type: ignore[index]
+                saved[-1] = a
+        logp = F.log_softmax(a, dim=-1)  # (C, b, K)
+        n = mask.sum(1).clamp(min=1)  # (C,)
+        ce = -logp.gather(2, y.unsqueeze(2)).squeeze(2)  # (C, b)
+        loss = (ce * mask).sum(1) / n
+        g = logp.exp()
+        g.scatter_add_(2, y.unsqueeze(2), torch.full_like(ce, -1.0).unsqueeze(2))
+        g.mul_((mask / n[:, None]).unsqueeze(2))  # dLoss/dlogits (C, b, K)
+        grads: dict[str, Tensor] = {}
+        for i in range(len(self.plan) - 1, -1, -1):
+            kind, spec = self.plan[i]
+            if kind == "act":
+                g = spec[1](g, saved[i])  # type: ignore[index]
+                continue
+            w_name, b_name = spec  # type: ignore[misc]
+            w = params[w_name]
+            grads[w_name] = torch.bmm(g.transpose(1, 2), saved[i], out=self._buffer(w_name, w.shape))  # (C, out, in)
+            if b_name is not None:
+                grads[b_name] = g.sum(1)
+            if i > 0:
+                g = torch.bmm(g, w)  # (C, b, in)
+        if mu:
+            for name, p in params.items():
+                grads[name] = grads[name].add(p - anchor[name], alpha=mu)
+        return grads, loss
+
+    def _buffer(self, name: str, shape: torch.Size) -> Tensor:
+        """A reused output for ``name``'s gradient: the caller consumes it before the next call."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[1:] != shape[1:] or len(buf) < shape[0]:
+            buf = self._buffers[name] = torch.empty(shape)
+        return buf[:shape[0]]
