@@ -11,14 +11,15 @@ Workloads (1 local epoch, batch 32, SGD lr 0.05, every client every round):
       (GFLOP/s) this script measures in the same run as the ceiling.
 
 Each configuration runs 5 rounds in its own process (so peak memory is its own); seconds per
-round are the median of rounds 2-5 (evaluation included). Flower (flwr with Ray) runs only when
-given a Python that has it: --flower-python /path/to/venv/bin/python (see flower_fedavg.py).
+round are the median of rounds 2-5 (evaluation included). Flower (flwr with Ray) runs when this
+Python has it (pip install -e ".[bench]") or another one does: --flower-python /path/to/python.
 
     python benchmarks/federated_simulation.py [--flower-python PY] [--rounds 5]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import statistics
@@ -106,6 +107,8 @@ def main() -> None:
         print(json.dumps(run_one(workload, int(n), executor, args.rounds)))
         return
 
+    if args.flower_python is None and importlib.util.find_spec("flwr") is not None:
+        args.flower_python = sys.executable
     me = [sys.executable, str(Path(__file__).resolve()), "--rounds", str(args.rounds), "--one"]
     rows = []
     for workload, counts in (("a", (10, 100, 1000)), ("b", (1000,))):
