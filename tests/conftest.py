@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from toolkit import data
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
@@ -11,3 +13,15 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/data not present")
     return path
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn digits, the default 80/20 split (1,437 / 360)."""
+    return data.load("digits")
+
+
+@pytest.fixture(scope="session")
+def iid10(digits):
+    """digits split IID over ten clients."""
+    return data.partition(digits, 10, "iid", seed=0)

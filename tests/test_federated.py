@@ -13,16 +13,6 @@ from toolkit.federated.server import FedAdam
 from toolkit.parties import flat_state
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return data.load("digits")
-
-
-@pytest.fixture(scope="module")
-def iid10(digits):
-    return data.partition(digits, 10, "iid", seed=0)
-
-
 def mlp():
     torch.manual_seed(0)
     return models.mlp([64, 128, 10])

@@ -10,16 +10,6 @@ from toolkit.federated.asynchronous import FedAsync, FedBuff, StragglerDelays
 from toolkit.federated.compression import QSGD, TopK
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return data.load("digits")
-
-
-@pytest.fixture(scope="module")
-def iid10(digits):
-    return data.partition(digits, 10, "iid", seed=0)
-
-
 def mlp():
     torch.manual_seed(0)
     return models.mlp([64, 128, 10])

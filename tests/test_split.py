@@ -14,11 +14,6 @@ from toolkit.wire import Wire
 FAST = SplitConfig(lr=0.5, batch_size=32)
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return data.load("digits")
-
-
 class CopyingTransport:
     """Delivers a copy, as a network would."""
 

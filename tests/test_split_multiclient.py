@@ -11,11 +11,6 @@ FAST = SplitConfig(lr=0.5, batch_size=32)
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return data.load("digits")
-
-
-@pytest.fixture(scope="module")
 def shards(digits):
     return data.partition(digits, 3, "iid", seed=0)
 

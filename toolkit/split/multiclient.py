@@ -159,7 +159,7 @@ class SplitFed(_MultiClient):
                  wire: Wire | None = None):
         if version not in (1, 2):
             raise ValueError(f"SplitFed version must be 1 or 2, got {version!r}")
-        if aggregator == "client:0" or aggregator.startswith("client:"):
+        if aggregator.startswith("client:"):
             raise ValueError(f"the aggregator must not be a client, got {aggregator!r}")
         self.version, self.aggregator = version, aggregator
         server_parts = ([copy.deepcopy(server_part) for _ in datasets] if version == 1 else [server_part])
