@@ -94,6 +94,7 @@ class SplitNN:
         self._generator = torch.Generator().manual_seed(self.config.seed)
         self.epoch = 0
         self.history = pd.DataFrame()
+        self.batches: dict[int, Tensor] = {}  # step -> training rows used: ground truth for scoring attacks
 
     # -- validation --------------------------------------------------------------------
     def _check_data(self, *, test: bool) -> int:
@@ -149,6 +150,7 @@ class SplitNN:
             p.train()
         for idx in self._batches(self.n_train, self.config.batch_size, self.config.shuffle):
             step = wire.tick()
+            self.batches[step] = idx
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             outs, hops = pipeline.forward([x[idx] for x in inputs], train=True)
@@ -251,18 +253,25 @@ class SplitNN:
 
     # -- configurations ----------------------------------------------------------------
     @classmethod
-    def vanilla(cls, client_part: nn.Module, server_part: nn.Module, data, *,
+    def vanilla(cls, client_part: nn.Module, server_part: nn.Module, data, *, labels: str = "client",
                 config: SplitConfig | None = None, wire: Wire | None = None) -> SplitNN:
         """Client holds the inputs and the bottom layers; the server holds the top and the loss.
 
-        The client sends its cut-layer activations and its labels; the server sends back the
-        gradient at the cut (Gupta & Raskar, 2018).
+        The client sends its cut-layer activations (and its labels, with ``labels="client"``);
+        the server sends back the gradient at the cut (Gupta & Raskar, 2018). With
+        ``labels="server"`` the server owns the labels: two-party split learning where one party
+        has the features and the other the labels (the setting of label-leakage attacks).
         """
+        if labels not in ("client", "server"):
+            raise ValueError(f"labels must be held by 'client' or 'server', got {labels!r}")
         config, wire = _defaults(config, wire)
-        client = Party("client", optimizer=config.make_optimizer(), data=_holdings(data, labels=True))
+        client = Party("client", optimizer=config.make_optimizer(), data=_holdings(data, labels=labels == "client"))
         server = Party("server", optimizer=config.make_optimizer())
+        if labels == "server":
+            server.data.update(y=data.y_train, y_test=data.y_test)
         pipe = Pipeline([[Segment(client, client_part)], [Segment(server, server_part)]], wire)
-        return cls(pipe, [Task("label", owner=client)], config=config, name="vanilla")
+        owner = client if labels == "client" else server
+        return cls(pipe, [Task("label", owner=owner)], config=config, name="vanilla")
 
     @classmethod
     def u_shaped(cls, head: nn.Module, middle: nn.Module, tail: nn.Module, data, *,

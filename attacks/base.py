@@ -1,0 +1,129 @@
+"""What every attack shares: the Attack base class, the AttackResult, and transcript helpers.
+
+An attack reads only a transcript of what its party received (``wire.observed(by=...)``) plus
+the knowledge its threat model grants, stated in the class's ``threat_model`` and ``repr``.
+Scoring is separate: ``toolkit.metrics.evaluate(result, truth)``.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from toolkit.wire import Transfer
+
+
+@dataclass(repr=False)
+class AttackResult:
+    """What an attack recovered, with its per-step history and the settings that produced it."""
+
+    attack: str
+    reconstruction: Tensor | None = None  # (N, ...) recovered inputs, in transcript order
+    labels: Tensor | None = None          # (N,) inferred labels
+    scores: Tensor | None = None          # (N,) per-sample leakage scores (e.g. label attacks)
+    history: list[float] = field(default_factory=list)  # objective per step
+    config: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # attack-specific (per-batch AUC, ...)
+
+    def __repr__(self) -> str:
+        parts = [f"{name} {tuple(t.shape)}" for name, t in
+                 (("reconstruction", self.reconstruction), ("labels", self.labels), ("scores", self.scores))
+                 if t is not None]
+        if self.history:
+            parts.append(f"{len(self.history)} steps, final objective {self.history[-1]:.4g}")
+        return f"AttackResult({self.attack}: {', '.join(parts) or 'empty'})"
+
+    def plot(self, ax=None, *, n: int = 16):
+        """Reconstructed images (first ``n``) when there are any, else the objective per step."""
+        from toolkit import plots
+
+        rec = self.reconstruction
+        if rec is not None and rec.dim() in (3, 4):
+            return plots.plot_images(rec[:n].clamp(0, 1), ax=ax, title=f"{self.attack} reconstructions")
+        fig, ax = plots._axes(ax)
+        ax.plot(self.history)
+        ax.set_xlabel("step")
+        ax.set_ylabel("objective")
+        ax.set_yscale("log")
+        ax.set_title(self.attack)
+        return fig, ax
+
+
+class Attack(ABC):
+    """Base class. Subclasses take keyword-only hyperparameters (validated, ValueError naming the
+    bad value) and implement :meth:`run`."""
+
+    threat_model: ClassVar[str] = "honest-but-curious server"
+    needs: ClassVar[str] = "activations"  # the transcript kind the attack reads
+
+    @abstractmethod
+    def run(self, observed: Sequence[Transfer], *, show_progress: bool = False,
+            generator: torch.Generator | None = None, max_steps: int | None = None) -> AttackResult:
+        """Attack what a party received; ``max_steps`` caps every loop (smoke runs)."""
+
+    def config(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and not isinstance(v, torch.nn.Module)}
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({settings}) [threat model: {self.threat_model}]"
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def select(observed: Sequence[Transfer], kind: str, attack: str) -> list[Transfer]:
+    """The transfers of ``kind``; a ValueError that says what the transcript holds when none are."""
+    observed = list(observed)
+    chosen = [t for t in observed if t.kind == kind]
+    if not chosen:
+        kinds = sorted({t.kind for t in observed})
+        raise ValueError(f"{attack} needs transfers of kind {kind!r}; the transcript holds "
+                         f"{'kinds ' + str(kinds) if kinds else 'nothing'}")
+    return chosen
+
+
+def stack(transfers: Sequence[Transfer]) -> Tensor:
+    """Concatenate the transfers' batches along dim 0: (sum of batch sizes, ...)."""
+    tensors = [t.tensor for t in transfers]
+    if any(not isinstance(x, Tensor) for x in tensors):
+        raise ValueError("this attack reads plain tensors; decode compressed packets first")
+    shapes = {tuple(x.shape[1:]) for x in tensors}
+    if len(shapes) > 1:
+        raise ValueError(f"the selected transfers have different shapes per sample: {sorted(shapes)}")
+    return torch.cat([x.detach().float() for x in tensors])
+
+
+def positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def non_negative(name: str, value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    return float(value)
+
+
+def positive(name: str, value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def steps_for(steps: int, max_steps: int | None) -> int:
+    """The loop length: ``steps``, capped by ``max_steps`` when given (positive)."""
+    if max_steps is None:
+        return steps
+    return min(steps, positive_int("max_steps", max_steps))
+
+
+def total_variation(x: Tensor, beta: float = 2.0) -> Tensor:
+    """Total variation of images (N, C, H, W): sum of (dx^2 + dy^2)^(beta/2) per image, summed
+    (He, Zhang, Lee, 2019; beta = 2 gives the squared-difference prior)."""
+    dx = x[..., :-1, 1:] - x[..., :-1, :-1]
+    dy = x[..., 1:, :-1] - x[..., :-1, :-1]
+    return ((dx * dx + dy * dy + 1e-12) ** (beta / 2)).sum()
