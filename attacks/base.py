@@ -38,13 +38,20 @@ class AttackResult:
         return f"AttackResult({self.attack}: {', '.join(parts) or 'empty'})"
 
     def plot(self, ax=None, *, n: int = 16):
-        """Reconstructed images (first ``n``) when there are any, else the objective per step."""
+        """Reconstructed images (first ``n``) when there are any, a histogram of the scores when
+        there are scores, else the objective per step."""
         from toolkit import plots
 
         rec = self.reconstruction
         if rec is not None and rec.dim() in (3, 4):
             return plots.plot_images(rec[:n].clamp(0, 1), ax=ax, title=f"{self.attack} reconstructions")
         fig, ax = plots._axes(ax)
+        if self.scores is not None:
+            ax.hist(self.scores.detach().double().numpy(), bins=50)
+            ax.set_xlabel("score")
+            ax.set_ylabel("samples")
+            ax.set_title(self.attack)
+            return fig, ax
         ax.plot(self.history)
         ax.set_xlabel("step")
         ax.set_ylabel("objective")

@@ -1,5 +1,8 @@
 """Defenses, in three shapes: loss terms (e.g. NoPeek), wire transforms (e.g. activation noise), and
-aggregator or trainer wrappers (secure aggregation, differential privacy).
+client- or server-side wrappers (detectors, secure aggregation, differential privacy).
 
-Defense families arrive one file each.
+Here now: SplitGuard-style detection of training hijacking (Erdogan et al., 2022).
 """
+from defenses.splitguard import SplitGuard, guarded_split_training
+
+__all__ = ["SplitGuard", "guarded_split_training"]

@@ -1,6 +1,4 @@
 """Federated engine: executors agree, FedAvg learns, the wire carries every update, bad input is refused."""
-import copy
-import warnings
 
 import pytest
 import torch
@@ -10,7 +8,6 @@ from toolkit import data, models
 from toolkit.audit import find_rows
 from toolkit.federated import ClientData, FedConfig, FederatedAveraging
 from toolkit.federated.server import FedAdam
-from toolkit.parties import flat_state
 
 
 def mlp():

@@ -57,6 +57,26 @@ def plot_images(images: Tensor | np.ndarray, *, nrow: int | None = None, ax: Axe
     return fig, ax
 
 
+def plot_reconstruction_grid(rows: dict[str, Tensor], *, n: int = 8, ax: Axes | None = None,
+                             title: str | None = None) -> tuple[Figure, Axes]:
+    """One row of ``n`` images per entry (e.g. originals, then each attack's reconstructions),
+    labelled on the left."""
+    fig, ax = _axes(ax, (n * 0.9, len(rows) * 1.0 + 0.3))
+    images = torch.cat([torch.as_tensor(v[:n]).detach().float().cpu().clamp(0, 1) for v in rows.values()])
+    grid = image_grid(images, nrow=n)
+    if grid.ndim == 3:
+        grid = np.nan_to_num(grid, nan=1.0)
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    h = next(iter(rows.values())).shape[-2]
+    ax.set_yticks([(h + 1) * i + h / 2 for i in range(len(rows))], list(rows))
+    ax.set_xticks([])
+    for side in ("top", "right", "bottom", "left"):
+        ax.spines[side].set_visible(False)
+    if title:
+        ax.set_title(title)
+    return fig, ax
+
+
 def plot_activations(activations: Tensor, *, sample: int = 0, ax: Axes | None = None,
                      title: str | None = None) -> tuple[Figure, Axes]:
     """What crossed the cut: one sample's feature maps (B, C, H, W) as a grid of C images, or a

@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol, Union
 
 import pandas as pd
-import torch
+import torch  # noqa: F401  (the docstring examples use it)
 from torch import Tensor
 
 Names = Union[str, tuple[str, ...]]
