@@ -38,8 +38,6 @@ def attacks_for(cut: str, p, ds, shape):
         "inverse net, same distribution": InverseNetwork(p.client_part, aux=aux, input_shape=shape),
         "inverse net, random noise": InverseNetwork(p.client_part, aux="noise", input_shape=shape),
         "query-free": QueryFree(arch, p.server_part, aux=aux, aux_labels=aux_y, input_shape=shape),
-        "query-free + statistics": QueryFree(arch, p.server_part, aux=aux, aux_labels=aux_y, input_shape=shape,
-                                             stats_weight=10.0),
         "UnSplit (architecture only)": UnSplit(arch, input_shape=shape),
     }
 

@@ -84,7 +84,7 @@ def test_query_free_inverts_through_a_shadow_it_trained_itself(victim, digits28)
     client, server, seen = observed_at(victim, "conv1", x)
     architecture = lambda: models.cut(models.lenet(), at="conv1")[0]  # the architecture only: fresh weights
     attack = QueryFree(architecture, server, aux=digits28.x_train[:256], aux_labels=digits28.y_train[:256],
-                       input_shape=(1, 28, 28), epochs=1, steps=150, stats_weight=10.0)
+                       input_shape=(1, 28, 28), epochs=1, steps=150)
     result = attack.run(seen)
     shadow = result.extras["shadow"]
     assert not torch.equal(shadow[0].weight, client[0].weight)  # never the victim's weights
