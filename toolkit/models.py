@@ -94,6 +94,15 @@ def lenet(*, in_channels: int = 1, image_size: int = 28, n_classes: int = 10,
     return nn.Sequential(OrderedDict(layers))
 
 
+def init_uniform_(model: nn.Module, a: float = 0.5, *, generator: torch.Generator | None = None) -> nn.Module:
+    """Set every parameter uniform in (-a, a), in place, and return the model: the initialization
+    of the LeNet in "Deep Leakage from Gradients" (Zhu, Liu, Han, 2019)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.rand(p.shape, generator=generator) * 2 * a - a)
+    return model
+
+
 def convnet(*, in_channels: int = 1, image_size: int = 8, n_classes: int = 10,
             width: int = 16) -> nn.Sequential:
     """A small two-block ConvNet (3x3 convs, ReLU, 2x2 max-pool) that fits 8x8 digits and up."""

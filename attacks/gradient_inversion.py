@@ -1,0 +1,276 @@
+"""Gradient inversion by gradient matching: DLG, iDLG and Inverting Gradients.
+
+The honest-but-curious server knows the model, the weights it sent and the training settings it
+chose; it reads a client's update from the Wire and optimizes dummy inputs until their gradients
+match it. The three attacks are one engine (:mod:`attacks.gradient_matching`) with the settings
+of their papers; restarts run as rows of one batched optimization.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from attacks.base import Attack, AttackResult, non_negative, positive, positive_int, select, steps_for
+from attacks.gradient_matching import (DISTANCES, Update, check_model, input_gradient, optimize,
+                                       parameter_gradients, read_updates, tv_l1)
+from toolkit.wire import Transfer
+
+LABEL_STRATEGIES = ("joint", "idlg", "counts", "auto")
+
+
+def idlg_label(gradient: dict[str, Tensor]) -> int:
+    """The label of a single sample from the last layer's gradient (Zhao et al., iDLG, 2020): for
+    cross-entropy the bias gradient p - onehot(y) is negative only at the true class; without a
+    bias, the weight row of the true class sums negative when the penultimate activations are
+    non-negative (sigmoid, ReLU)."""
+    tensors = list(gradient.values())
+    last = max(i for i, t in enumerate(tensors) if t.dim() == 2)
+    if last + 1 < len(tensors) and tensors[last + 1].shape == tensors[last].shape[:1]:
+        return int(tensors[last + 1].argmin())
+    return int(tensors[last].sum(dim=1).argmin())
+
+
+class GradientInversion(Attack):
+    """Recover a client's private batch from its update by gradient matching.
+
+    Args:
+        model: the model as the server holds it (architecture; the weights it sent are read from
+            ``"weights"`` transfers in the transcript when present, else the model's own).
+        input_shape: shape of one input, e.g. ``(1, 32, 32)`` (for ``wrt="input"``: of one
+            cut-layer activation).
+        batch_size: samples behind each update (the server set it).
+        labels: ``"joint"`` (soft labels optimized with the input, DLG), ``"idlg"`` (from the sign
+            of the last layer's gradient; batch of one), ``"counts"`` (batch label recovery,
+            :func:`attacks.analytic.label_counts`), ``"auto"`` (idlg for one sample, else counts),
+            or a tensor of known labels (B,).
+        distance: ``"l2"`` or ``"cosine"`` gradient distance.
+        tv: weight of the total-variation prior (0 for none).
+        box: keep pixels in [0, 1] during the first-order phase (and clip the result).
+        adam_steps, step_size, signed: first phase, Adam with step decay (Geiping et al., 2020).
+        lbfgs_steps: second phase, outer steps of L-BFGS with a strong-Wolfe line search.
+        restarts: random initializations per update, optimized together; the best is kept.
+        init: ``"randn"`` or ``"rand"`` dummy inputs.
+        client_lr: the clients' SGD learning rate, to read a weight delta as a gradient (and to
+            simulate several local steps).
+        local_steps, local_batch_size: the clients' local SGD steps per update (FedAvg), simulated
+            in consecutive batches of ``local_batch_size`` (default: the whole batch).
+        wrt: ``"parameters"`` (federated updates) or ``"input"`` (a split-learning cut-layer
+            gradient, kind ``"gradients"``; ``model`` is then the server's part, and the
+            activations the client sent are used as known inputs when the transcript has them).
+    """
+
+    name = "gradient_inversion"
+    needs = "update"
+    threat_model = ("honest-but-curious server: knows the model, the weights it sent and the training "
+                    "settings (batch size, client lr, local steps); reads only the client's update")
+
+    def __init__(self, model: nn.Module, *, input_shape: Sequence[int], batch_size: int = 1,
+                 labels: str | Tensor = "auto", distance: str = "cosine", tv: float = 0.0, box: bool = False,
+                 adam_steps: int = 0, step_size: float = 0.1, signed: bool = True, lbfgs_steps: int = 40,
+                 restarts: int = 1, init: str = "randn", client_lr: float | None = None,
+                 local_steps: int = 1, local_batch_size: int | None = None, wrt: str = "parameters"):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        self._model = model
+        self.input_shape = tuple(positive_int("input_shape entries", int(s)) for s in input_shape)
+        self.batch_size = positive_int("batch_size", batch_size)
+        if isinstance(labels, Tensor):
+            if labels.shape != (self.batch_size,):
+                raise ValueError(f"known labels must have shape ({self.batch_size},), got {tuple(labels.shape)}")
+            labels = labels.long()
+        elif labels not in LABEL_STRATEGIES:
+            raise ValueError(f"labels must be one of {LABEL_STRATEGIES} or a tensor, got {labels!r}")
+        if isinstance(labels, str) and labels == "idlg" and self.batch_size != 1:
+            raise ValueError(f"iDLG reads the label of a single sample; batch_size is {self.batch_size}: "
+                             f"use labels='counts' or 'joint'")
+        self.labels = labels
+        if distance not in DISTANCES:
+            raise ValueError(f"unknown distance {distance!r}; choose one of {sorted(DISTANCES)}")
+        self.distance = distance
+        self.tv = non_negative("tv", tv)
+        self.box = bool(box)
+        self.adam_steps = int(non_negative("adam_steps", adam_steps))
+        self.step_size = positive("step_size", step_size)
+        self.signed = bool(signed)
+        self.lbfgs_steps = int(non_negative("lbfgs_steps", lbfgs_steps))
+        if self.adam_steps + self.lbfgs_steps < 1:
+            raise ValueError("adam_steps and lbfgs_steps are both 0: the attack would not optimize at all")
+        self.restarts = positive_int("restarts", restarts)
+        if init not in ("randn", "rand"):
+            raise ValueError(f"init must be 'randn' or 'rand', got {init!r}")
+        self.init = init
+        self.client_lr = None if client_lr is None else positive("client_lr", client_lr)
+        self.local_steps = positive_int("local_steps", local_steps)
+        self.local_batch_size = None if local_batch_size is None else positive_int("local_batch_size", local_batch_size)
+        if self.local_steps > 1 and self.client_lr is None:
+            raise ValueError("simulating several local steps needs the clients' learning rate: pass client_lr")
+        if wrt not in ("parameters", "input"):
+            raise ValueError(f"wrt must be 'parameters' or 'input', got {wrt!r}")
+        self.wrt = wrt
+        check_model(model, type(self).__name__)
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            try:
+                out = model(torch.zeros(1, *self.input_shape))
+            except (RuntimeError, ValueError) as err:
+                raise ValueError(f"the model does not take inputs of shape {self.input_shape}: {err}") from None
+            finally:
+                model.train(was)
+        self.n_classes = int(out.shape[-1])
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self, observed: Sequence[Transfer], *, show_progress: bool = False,
+            generator: torch.Generator | None = None, max_steps: int | None = None) -> AttackResult:
+        """Attack every update in ``observed`` (what the server received, plus the weights it
+        sent); returns reconstructions (N, *input_shape) and labels (N,) in transcript order."""
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        adam = steps_for(self.adam_steps, max_steps) if self.adam_steps else 0
+        lbfgs = steps_for(self.lbfgs_steps, max_steps) if self.lbfgs_steps else 0
+        problems = self._problems(observed)
+        recs, labels, history, objective = [], [], [], []
+        for target, weights, known_input, label in problems:
+            x, y, hist, obj = self._solve(target, weights, known_input, label, adam, lbfgs, generator, show_progress)
+            recs.append(x)
+            labels.append(y)
+            history.extend(hist)
+            objective.append(obj)
+        return AttackResult(self.name, reconstruction=torch.cat(recs), labels=torch.cat(labels), history=history,
+                            config={**self.config(), "attack": type(self).__name__},
+                            extras={"objective": torch.tensor(objective), "updates": len(problems)})
+
+    def _problems(self, observed: Sequence[Transfer]) -> list[tuple]:
+        """(target gradients, weights, known input or None, labels or None) per update."""
+        name = type(self).__name__
+        if self.wrt == "input":
+            grads = select(observed, "gradients", name)
+            acts = {(t.step, t.sender): t.tensor for t in observed if t.kind == "activations"}
+            weights = {n: p.detach().float() for n, p in self._model.named_parameters()}
+            out = []
+            for t in grads:
+                if tuple(t.tensor.shape[1:]) != self.input_shape:
+                    raise ValueError(f"{name}: the cut-layer gradient has per-sample shape {tuple(t.tensor.shape[1:])}, "
+                                     f"input_shape is {self.input_shape}")
+                z = acts.get((t.step, t.receiver))
+                out.append(((t.tensor.detach().float(),), weights, None if z is None else z.detach().float(),
+                            self._known_labels(None, len(t.tensor))))
+            return out
+        updates = read_updates(observed, self._model, lr=self.client_lr, attack=name)
+        if self.distance == "l2" and self.client_lr is None and any(u.delta is not None for u in updates):
+            raise ValueError(f"{name}: the l2 distance compares gradients at their scale, so reading a weight delta "
+                             f"needs the clients' learning rate: pass client_lr, or use distance='cosine'")
+        out = []
+        for u in updates:
+            target = tuple((u.delta if self.local_steps > 1 else u.gradient).values())
+            out.append((target, u.weights, None, self._known_labels(u, self.batch_size)))
+        return out
+
+    def _known_labels(self, update: Update | None, n: int) -> Tensor | None:
+        if isinstance(self.labels, Tensor):
+            return self.labels
+        strategy = self.labels
+        if strategy == "auto":
+            strategy = "idlg" if n == 1 else "counts"
+        if strategy == "joint" or update is None:
+            return None  # optimized with the input (DLG; the split side)
+        if strategy == "idlg":
+            return torch.tensor([idlg_label(update.gradient)])
+        from attacks.analytic import label_counts
+
+        gradient = update.gradient if self.local_steps == 1 else {k: v / self.local_steps for k, v in update.gradient.items()}
+        counts = label_counts(gradient, self._model, update.weights, batch_size=n, input_shape=self.input_shape)
+        return torch.repeat_interleave(torch.arange(len(counts)), counts)
+
+    def _solve(self, target, weights, known_input, label, adam: int, lbfgs: int,
+               generator: torch.Generator, show_progress: bool):
+        model, dist, tv, wrt = self._model, DISTANCES[self.distance], self.tv, self.wrt
+        steps, lr, bs = self.local_steps, self.client_lr, self.local_batch_size
+        n = len(target[0]) if wrt == "input" else self.batch_size
+        r = self.restarts
+        shape = (r, n, *self.input_shape)
+        x0 = torch.randn(shape, generator=generator) if self.init == "randn" else torch.rand(shape, generator=generator)
+        variables = [] if known_input is not None else [x0]
+        if label is None:
+            variables.append(torch.randn(r, n, self.n_classes, generator=generator))
+        if not variables:
+            raise ValueError(f"{type(self).__name__}: the inputs and the labels are both known; nothing to recover")
+
+        def gradients(x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+            if wrt == "input":
+                return input_gradient(model, weights, x, y)
+            return parameter_gradients(model, weights, x, y, local_steps=steps, lr=lr, batch_size=bs)
+
+        def objective(*row: Tensor) -> Tensor:
+            x = known_input if known_input is not None else row[0]
+            y = label if label is not None else torch.softmax(row[-1], dim=-1)
+            value = dist(gradients(x, y), target)
+            return value + tv * tv_l1(x) if tv and known_input is None else value
+
+        result = optimize(objective, variables, adam_steps=adam, lr=self.step_size, signed=self.signed,
+                          box=self.box and known_input is None, lbfgs_steps=lbfgs, show_progress=show_progress,
+                          desc=type(self).__name__)
+        best = int(result.objective.argmin())
+        x = known_input if known_input is not None else result.variables[0][best]
+        y = label if label is not None else result.variables[-1][best].argmax(-1)
+        return x.detach(), y.detach(), result.history, float(result.objective[best])
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(batch_size={self.batch_size}, labels={self.labels if isinstance(self.labels, str) else 'known'}, "
+                f"distance={self.distance}, tv={self.tv}, adam_steps={self.adam_steps}, lbfgs_steps={self.lbfgs_steps}, "
+                f"restarts={self.restarts}, local_steps={self.local_steps}, wrt={self.wrt}) "
+                f"[threat model: {self.threat_model}]")
+
+
+class DLG(GradientInversion):
+    """Deep Leakage from Gradients (Zhu, Liu, Han, "Deep leakage from gradients", NeurIPS 2019):
+    dummy input and soft label optimized jointly with L-BFGS to match the gradient in L2.
+
+    The defaults are the robust ones: a strong-Wolfe line search (a plain L-BFGS step blows up
+    on some images), the best iterate kept, early stop when no restart improves.
+
+    Example:
+        >>> from toolkit import models
+        >>> DLG(models.lenet(image_size=32, variant="dlg"), input_shape=(1, 32, 32), client_lr=0.1)  # doctest: +ELLIPSIS
+        DLG(batch_size=1, labels=joint, distance=l2, ...
+    """
+
+    name = "dlg"
+
+    def __init__(self, model: nn.Module, *, input_shape: Sequence[int], labels: str | Tensor = "joint",
+                 distance: str = "l2", lbfgs_steps: int = 40, init: str = "randn", **kwargs):
+        super().__init__(model, input_shape=input_shape, labels=labels, distance=distance,
+                         lbfgs_steps=lbfgs_steps, init=init, **kwargs)
+
+
+class IDLG(DLG):
+    """Improved DLG (Zhao, Mopuri, Bilen, "iDLG: Improved deep leakage from gradients", 2020): the
+    label of a single sample read from the sign of the last layer's gradient, then DLG on the
+    input alone."""
+
+    name = "idlg"
+
+    def __init__(self, model: nn.Module, *, input_shape: Sequence[int], **kwargs):
+        kwargs.setdefault("labels", "idlg")
+        super().__init__(model, input_shape=input_shape, **kwargs)
+
+
+class InvertingGradients(GradientInversion):
+    """Inverting Gradients (Geiping, Bauermeister, Droege, Moeller, "Inverting gradients: how easy
+    is it to break privacy in federated learning?", NeurIPS 2020): cosine gradient distance, a
+    total-variation prior, Adam on hard-signed gradients with step decay, pixels boxed to
+    [0, 1], several restarts keeping the best; several local steps (FedAvg) are simulated.
+
+    ``lbfgs_steps`` finishes the Adam phase with L-BFGS on the same objective (0 gives the paper's
+    schedule alone): on the small sigmoid LeNet it takes PSNR from about 20 dB to above 40 dB.
+    """
+
+    name = "inverting_gradients"
+
+    def __init__(self, model: nn.Module, *, input_shape: Sequence[int], distance: str = "cosine",
+                 tv: float = 1e-4, box: bool = True, adam_steps: int = 200, lbfgs_steps: int = 40,
+                 restarts: int = 4, init: str = "rand", **kwargs):
+        super().__init__(model, input_shape=input_shape, distance=distance, tv=tv, box=box,
+                         adam_steps=adam_steps, lbfgs_steps=lbfgs_steps, restarts=restarts, init=init, **kwargs)
