@@ -14,7 +14,12 @@ Each configuration runs 5 rounds in its own process (so peak memory is its own);
 round are the median of rounds 2-5 (evaluation included). Flower (flwr with Ray) runs when this
 Python has it (pip install -e ".[bench]") or another one does: --flower-python /path/to/python.
 
-    python benchmarks/federated_simulation.py [--flower-python PY] [--rounds 5]
+--threads N sets torch's intra-op threads for the vectorized and sequential runs and for the
+ceiling (default: torch's own choice, one per core). On a shared machine, pass the number of
+cores actually free: when a busy core preempts one of torch's threads, every batched product
+waits for it, and workload (b) was measured 10x slower with 2 threads on 1 free core than with 1.
+
+    python benchmarks/federated_simulation.py [--flower-python PY] [--rounds 5] [--threads N]
 """
 from __future__ import annotations
 
@@ -100,8 +105,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--flower-python", help="a Python with flwr[simulation] installed")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--one", nargs=3, metavar=("WORKLOAD", "CLIENTS", "EXECUTOR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be a positive int, got {args.threads}")
+        import torch
+        torch.set_num_threads(args.threads)
     if args.one:
         workload, n, executor = args.one
         print(json.dumps(run_one(workload, int(n), executor, args.rounds)))
@@ -109,7 +120,8 @@ def main() -> None:
 
     if args.flower_python is None and importlib.util.find_spec("flwr") is not None:
         args.flower_python = sys.executable
-    me = [sys.executable, str(Path(__file__).resolve()), "--rounds", str(args.rounds), "--one"]
+    threads = [] if args.threads is None else ["--threads", str(args.threads)]
+    me = [sys.executable, str(Path(__file__).resolve()), "--rounds", str(args.rounds), *threads, "--one"]
     rows = []
     for workload, counts in (("a", (10, 100, 1000)), ("b", (1000,))):
         for n in counts:
@@ -122,6 +134,9 @@ def main() -> None:
                              **subprocess_json([args.flower_python, "-c", code], cwd=HERE)})
     ceiling = bmm_ceiling()
 
+    import torch
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads "
+          f"({'--threads' if args.threads else 'torch default'}); Flower workers use 1 thread each")
     print(f"{'workload':9s} {'clients':>7s} {'engine':11s} {'s/round':>9s} {'peak MB':>8s} {'accuracy':>8s}")
     for r in rows:
         if "error" in r:

@@ -122,6 +122,21 @@ def test_a_nan_update_is_dropped_with_a_warning_and_recorded(iid10):
     assert history["accuracy"].iloc[-1] > 0.5
 
 
+@pytest.mark.parametrize("executor", ["vectorized", "sequential"])
+def test_an_inf_update_is_dropped_with_a_warning_and_recorded(iid10, executor):
+    def blow_up(updates, *, generator=None):
+        out = updates.clone()
+        out[:, 7] = float("inf")  # one coordinate is enough
+        return out
+
+    fl = FederatedAveraging(mlp(), iid10, config=FedConfig(lr=0.5, executor=executor), malicious={6: blow_up})
+    with pytest.warns(RuntimeWarning, match=r"dropped non-finite .*client:6"):
+        history = fl.fit(rounds=3)
+    assert history["rejected"].tolist() == [1, 1, 1] and torch.isfinite(fl.weights).all()
+    assert (history["clients"] == 10).all()  # it was sampled and answered, then dropped
+    assert history["accuracy"].iloc[-1] > 0.5
+
+
 def test_batchnorm_models_fall_back_to_the_reference_with_a_clear_warning(iid10):
     def bn_model():
         torch.manual_seed(0)

@@ -34,6 +34,27 @@ def test_compressed_updates_are_what_the_transcript_holds(iid10):
     assert sent[0].tensor.decode().shape == fl.weights.shape
 
 
+@pytest.mark.parametrize("make", [lambda: TopK(0.01), lambda: QSGD(levels=4)], ids=["topk", "qsgd"])
+def test_a_nan_update_is_dropped_before_compression_with_a_warning(iid10, make):
+    def poison(updates, *, generator=None):
+        return updates * float("nan")
+
+    compressor = make()
+    fl = FederatedAveraging(mlp(), iid10, config=FedConfig(lr=0.5), compressor=compressor, malicious={2: poison})
+    with pytest.warns(RuntimeWarning, match=r"dropped non-finite .*client:2"):
+        history = fl.fit(rounds=3)
+    assert history["rejected"].tolist() == [1, 1, 1] and torch.isfinite(fl.weights).all()
+    sent = fl.wire.observed(by="server", kind="update")
+    assert len(sent) == 3 * 9 and "client:2" not in {t.sender for t in sent}  # it never crossed
+    assert history["bytes_up"].sum() == sum(t.nbytes for t in sent)
+    assert history["accuracy"].iloc[-1] > 0.5
+    alone = FederatedAveraging(mlp(), iid10[:1], config=FedConfig(lr=0.5), compressor=make(), malicious={0: poison})
+    before = alone.weights.clone()
+    with pytest.warns(RuntimeWarning, match="client:0"):
+        row = alone.fit(rounds=1).iloc[0]
+    assert row["rejected"] == 1 and row["bytes_up"] == 0 and torch.equal(alone.weights, before)
+
+
 # -- robust aggregation -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def attacked(iid10):

@@ -251,3 +251,13 @@ def test_label_inference_rejects_a_transcript_it_cannot_use(u_shaped_run):
     for bad in ({"init": "random"}, {"rounds": 0}, {"fit_steps": 0}, {"known": {0: -1}}, {"reduction": "max"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             UnSplitLabels(factory, **bad)
+
+
+def test_label_inference_smoke_setting_runs_in_seconds(u_shaped_run):
+    observed, labels = u_shaped_run
+    start = time.perf_counter()
+    result = UnSplitLabels(lambda: nn.Linear(128, 10)).run(observed, max_steps=1,
+                                                           generator=torch.Generator().manual_seed(0))
+    assert time.perf_counter() - start < 10
+    assert result.labels.shape == labels.shape
+    assert int(result.labels.min()) >= 0 and int(result.labels.max()) < 10

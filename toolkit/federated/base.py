@@ -127,21 +127,28 @@ class FederatedProtocol:
         before = self.wire.total_bytes
         names = tuple(self.data.names[i] for i in clients.tolist())
         if self.compressor is not None:
-            packet = self.compressor.compress(updates, clients, generator=self.generator)
-            received = self.compressor.decompress(self.wire.send(packet, sender=names, receiver="server",
-                                                                 kind="update"))
+            # A non-finite update cannot be encoded (top-k and QSGD of NaN are undefined): it is
+            # rejected before compression, so it neither crosses nor enters error-feedback memory.
+            finite = _finite_rows(updates)
+            rejected = [names[i] for i in (~finite).nonzero().flatten().tolist()]
+            if rejected:
+                updates, clients = updates[finite], clients[finite]
+                names = tuple(n for n, ok in zip(names, finite.tolist()) if ok)
+            if len(clients):
+                packet = self.compressor.compress(updates, clients, generator=self.generator)
+                received = self.compressor.decompress(self.wire.send(packet, sender=names, receiver="server",
+                                                                     kind="update"))
+            else:
+                received = updates  # (0, P): nothing left to send
         else:
             received = self.wire.send(updates, sender=names, receiver="server", kind="update")
-        finite = torch.isfinite(received.sum(dim=1))  # (M,) a NaN/Inf makes its row's sum non-finite
-        if not bool(finite.all()):
-            suspect = (~finite).nonzero().flatten()
-            finite[suspect] = torch.isfinite(received[suspect]).all(dim=1)  # rows that merely overflowed
-        if bool(finite.all()):
-            return received, clients, self.wire.total_bytes - before
-        rejected = [names[i] for i in (~finite).nonzero().flatten().tolist()]
-        warnings.warn(f"round {self.round + 1}: dropped non-finite (NaN/Inf) updates from {rejected}",
-                      RuntimeWarning, stacklevel=3)
-        return received[finite], clients[finite], self.wire.total_bytes - before
+            finite = _finite_rows(received)
+            rejected = [names[i] for i in (~finite).nonzero().flatten().tolist()]
+            received, clients = (received[finite], clients[finite]) if rejected else (received, clients)
+        if rejected:
+            warnings.warn(f"round {self.round + 1}: dropped non-finite (NaN/Inf) updates from {rejected}",
+                          RuntimeWarning, stacklevel=3)
+        return received, clients, self.wire.total_bytes - before
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -220,3 +227,12 @@ class FederatedProtocol:
         return (f"{type(self).__name__}({self.data!r}, round {self.round}, executor={self.executor.name}, "
                 f"aggregator={self.aggregator!r}, compressor={self.compressor!r}, "
                 f"{len(self.malicious)} malicious)")
+
+
+def _finite_rows(rows: Tensor) -> Tensor:
+    """(M,) True where a row of ``rows`` (M, P) holds no NaN or Inf."""
+    finite = torch.isfinite(rows.sum(dim=1))  # (M,) a NaN/Inf makes its row's sum non-finite
+    if not bool(finite.all()):
+        suspect = (~finite).nonzero().flatten()
+        finite[suspect] = torch.isfinite(rows[suspect]).all(dim=1)  # rows that merely overflowed
+    return finite
