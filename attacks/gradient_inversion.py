@@ -44,7 +44,8 @@ class GradientInversion(Attack):
         batch_size: samples behind each update (the server set it).
         labels: ``"joint"`` (soft labels optimized with the input, DLG), ``"idlg"`` (from the sign
             of the last layer's gradient; batch of one), ``"counts"`` (batch label recovery,
-            :func:`attacks.analytic.label_counts`), ``"auto"`` (idlg for one sample, else counts),
+            :func:`attacks.analytic.label_counts`), ``"auto"`` (idlg for one sample, else counts
+            after one local step and joint after several),
             or a tensor of known labels (B,).
         distance: ``"l2"`` or ``"cosine"`` gradient distance.
         tv: weight of the total-variation prior (0 for none).
@@ -172,8 +173,8 @@ class GradientInversion(Attack):
         if isinstance(self.labels, Tensor):
             return self.labels
         strategy = self.labels
-        if strategy == "auto":
-            strategy = "idlg" if n == 1 else "counts"
+        if strategy == "auto":  # counts assume one local step; after several, optimize the labels
+            strategy = "idlg" if n == 1 else "counts" if self.local_steps == 1 else "joint"
         if strategy == "joint" or update is None:
             return None  # optimized with the input (DLG; the split side)
         if strategy == "idlg":
@@ -181,7 +182,8 @@ class GradientInversion(Attack):
         from attacks.analytic import label_counts
 
         gradient = update.gradient if self.local_steps == 1 else {k: v / self.local_steps for k, v in update.gradient.items()}
-        counts = label_counts(gradient, self._model, update.weights, batch_size=n, input_shape=self.input_shape)
+        counts = label_counts(gradient, self._model, update.weights, batch_size=n, input_shape=self.input_shape,
+                              generator=torch.Generator().manual_seed(0))
         return torch.repeat_interleave(torch.arange(len(counts)), counts)
 
     def _solve(self, target, weights, known_input, label, adam: int, lbfgs: int,

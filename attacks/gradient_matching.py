@@ -12,6 +12,7 @@ over a leading row dimension, one backward pass for all rows (no Python loop of 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -82,6 +83,11 @@ def read_updates(observed: Sequence[Transfer], model: nn.Module, *, lr: float | 
         select(observed, "update", attack)  # raises, naming what the transcript holds
     sent = {(t.step, t.receiver): t.tensor for t in observed if t.kind == "weights"}
     current = {n: p.detach().float() for n, p in model.named_parameters()}
+    missing = [f"{t.sender} at step {t.step}" for t in chosen if (t.step, t.sender) not in sent]
+    if missing:
+        warnings.warn(f"{attack}: no 'weights' transfer for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; "
+                      f"attacking at the model's current weights (add wire.observed(sender='server', "
+                      f"kind='weights') to the transcript if the model has moved on)", UserWarning, stacklevel=3)
     out = []
     for t in chosen:
         if not isinstance(t.tensor, Tensor):

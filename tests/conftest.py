@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from toolkit import data
 
@@ -25,3 +26,18 @@ def digits():
 def iid10(digits):
     """digits split IID over ten clients."""
     return data.partition(digits, 10, "iid", seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits32():
+    """digits upsampled to 32x32 (the DLG LeNet's input size)."""
+    return data.load("digits", image_size=32)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks: one thread is much faster than several fighting over shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

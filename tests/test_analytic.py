@@ -16,18 +16,8 @@ from toolkit.wire import Wire
 LR = 0.1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models gain nothing from threads on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny networks run fastest on one thread
 
-
-@pytest.fixture(scope="module")
-def digits32():
-    return data.load("digits", image_size=32)
 
 
 def _lenet(init: str) -> nn.Module:

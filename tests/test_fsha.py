@@ -21,13 +21,7 @@ TARGET = 0.05      # reconstruction MSE the attack must get below (pixels in [0,
 WINDOW = 50        # steps per window when comparing the start and the end of the curve
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks: one thread is much faster than several fighting over shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny networks run fastest on one thread
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ from toolkit.wire import Packet, Transfer
 EPOCHS, BATCH, LR = 2, 128, 0.1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny MLPs gain nothing from threads, and on a shared CPU extra threads slow them tenfold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny networks run fastest on one thread
 
 
 def _train(seed: int, *, batch_size: int = BATCH, epochs: int = EPOCHS):

@@ -28,13 +28,7 @@ from toolkit.split import SplitConfig, SplitNN
 from toolkit.wire import Wire
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small convolutions: one thread is much faster than several fighting over shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny networks run fastest on one thread
 
 
 def train_victim(build, at, ds, *, steps, seed=0):

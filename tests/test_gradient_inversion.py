@@ -1,0 +1,144 @@
+"""DLG, iDLG and Inverting Gradients on real FedAvg updates, and the shared gradient-matching core."""
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from attacks import ATTACKS, DLG, IDLG, InvertingGradients
+from attacks.gradient_inversion import idlg_label
+from attacks.gradient_matching import cosine_distance, optimize, read_updates
+from toolkit import data, metrics, models, seed_everything
+from toolkit.federated import ClientData, FedConfig, FederatedAveraging
+from toolkit.split import SplitConfig, SplitNN
+
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+SHAPE = (1, 32, 32)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny networks run fastest on one thread
+
+
+def dlg_lenet(image_size=32, seed=1):
+    return models.init_uniform_(models.lenet(image_size=image_size, variant="dlg"),
+                                generator=torch.Generator().manual_seed(seed))
+
+
+def one_round(model, ds, groups, **config):
+    """One FedAvg round in which client i holds the samples ``groups[i]``; returns what the server
+    received and sent (updates and weights)."""
+    seed_everything(0)
+    clients = ClientData.from_indices(ds, [torch.as_tensor(g) for g in groups])
+    fl = FederatedAveraging(model, clients, test=ds, config=FedConfig(**config))
+    fl.fit(1)
+    return fl.wire.observed(by="server", kind="update") + fl.wire.observed(sender="server", kind="weights")
+
+
+def idlg_accuracy(ds, image_size):
+    model = dlg_lenet(image_size)
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randperm(len(ds.y_train), generator=g)[:200]
+    observed = one_round(model, ds, [[i] for i in idx.tolist()], batch_size=1, lr=0.1)
+    updates = read_updates(observed, model, lr=0.1, attack="test")
+    assert [u.sender for u in updates] == [f"client:{i}" for i in range(200)]
+    labels = torch.tensor([idlg_label(u.gradient) for u in updates])
+    return float((labels == ds.y_train[idx]).double().mean())
+
+
+def test_idlg_labels_are_exact_over_200_single_samples(digits32):
+    assert idlg_accuracy(digits32, 32) == 1.0
+
+
+@pytest.mark.skipif(not MNIST.exists(), reason="../shared/data/mnist is absent")
+def test_idlg_labels_are_exact_over_200_mnist_samples():
+    assert idlg_accuracy(data.load("mnist", root=MNIST), 28) == 1.0
+
+
+@pytest.mark.parametrize("attack", ["dlg", "idlg", "inverting_gradients"])
+def test_single_image_is_recovered_above_40_db(digits32, attack):
+    model = dlg_lenet()
+    idx = [[5], [17]]
+    observed = one_round(model, digits32, idx, batch_size=1, lr=0.1)
+    kwargs = {"restarts": 2, "adam_steps": 100} if attack == "inverting_gradients" else {}
+    result = ATTACKS[attack](model, input_shape=SHAPE, client_lr=0.1, **kwargs).run(observed)
+    truth = digits32.x_train[[5, 17]]
+    psnr = metrics.psnr(result.reconstruction, truth)
+    assert bool((psnr >= 40).all()), psnr
+    assert result.labels.tolist() == digits32.y_train[[5, 17]].tolist()
+    assert result.history and result.history[-1] <= result.history[0]
+
+
+def test_inverting_gradients_over_a_fedavg_update_of_4_images_and_2_local_steps(digits32):
+    model = dlg_lenet()
+    idx = [0, 1, 2, 3]
+    observed = one_round(model, digits32, [idx], batch_size=4, lr=0.1, local_epochs=2)
+    attack = InvertingGradients(model, input_shape=SHAPE, batch_size=4, client_lr=0.1, local_steps=2)
+    result = attack.run(observed)  # labels optimized jointly (one-step label counts do not hold after two steps)
+    order = metrics.match(result.reconstruction, digits32.x_train[idx])
+    assert float(metrics.ssim(result.reconstruction[order], digits32.x_train[idx]).mean()) >= 0.5
+    assert result.labels[order].tolist() == digits32.y_train[idx].tolist()
+
+
+def test_batched_restarts_equal_separate_runs():
+    torch.manual_seed(0)
+    target = (torch.randn(5),)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Sigmoid())
+
+    def objective(x):
+        return cosine_distance((net(x).sum(0),), target)
+
+    x0 = torch.randn(3, 2, 3)
+    together = optimize(objective, [x0], adam_steps=30, lr=0.05)
+    for r in range(3):
+        alone = optimize(objective, [x0[r:r + 1]], adam_steps=30, lr=0.05)
+        torch.testing.assert_close(together.variables[0][r], alone.variables[0][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(together.objective[r], alone.objective[0], rtol=1e-5, atol=1e-7)
+
+
+def test_same_seed_same_reconstruction(digits32):
+    model = dlg_lenet()
+    observed = one_round(model, digits32, [[0]], batch_size=1, lr=0.1)
+    attack = InvertingGradients(model, input_shape=SHAPE, client_lr=0.1, restarts=2, adam_steps=5, lbfgs_steps=1)
+    a = attack.run(observed, generator=torch.Generator().manual_seed(4))
+    b = attack.run(observed, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a.reconstruction, b.reconstruction)
+
+
+def test_cut_layer_gradients_reveal_labels_in_split_learning():
+    """The same core on the split side: the client matches the cut-layer gradient it received
+    (with the server's part known) and reads off the server's labels."""
+    ds = data.load("digits")
+    seed_everything(0)
+    client, server = models.cut(models.mlp([64, 32, 10]), at="act1")
+    sl = SplitNN.vanilla(client, server, ds, config=SplitConfig(batch_size=16, lr=0.05))
+    sl.fit(epochs=1)
+    grads = sl.wire.observed(by="client", kind="gradients")[-2:]  # the server part's weights now
+    seen = grads + sl.wire.observed(sender="client", kind="activations")
+    attack = DLG(server, input_shape=(32,), wrt="input", distance="cosine", lbfgs_steps=10)
+    result = attack.run(seen)
+    truth = torch.cat([ds.y_train[sl.batches[t.step]] for t in grads])
+    assert result.reconstruction.shape == (sum(len(t.tensor) for t in grads), 32)  # the known activations
+    assert float((result.labels == truth).double().mean()) >= 0.95
+
+
+def test_bad_input_is_refused(digits32):
+    model = dlg_lenet()
+    with pytest.raises(ValueError, match="kind 'update'"):
+        DLG(model, input_shape=SHAPE, client_lr=0.1).run([])
+    observed = one_round(model, digits32, [[0]], batch_size=1, lr=0.1)
+    other = models.lenet(image_size=32, variant="dlg", n_classes=4)
+    with pytest.raises(ValueError, match="mismatched parameter shapes"):
+        DLG(other, input_shape=SHAPE, client_lr=0.1).run(observed)
+    bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 30 * 30, 10))
+    with pytest.raises(ValueError, match="BatchNorm"):
+        DLG(bn, input_shape=SHAPE)
+    with pytest.raises(ValueError, match="lbfgs_steps"):
+        DLG(model, input_shape=SHAPE, lbfgs_steps=-1)
+    with pytest.raises(ValueError, match="max_steps"):
+        DLG(model, input_shape=SHAPE, client_lr=0.1).run(observed, max_steps=0)
+    with pytest.raises(ValueError, match="single sample"):
+        IDLG(model, input_shape=SHAPE, batch_size=4)
+    with pytest.raises(ValueError, match="client_lr"):
+        DLG(model, input_shape=SHAPE).run(observed)  # l2 on a weight delta needs the scale
+    with pytest.raises(ValueError, match="does not take inputs"):
+        DLG(model, input_shape=(3, 8, 8))
