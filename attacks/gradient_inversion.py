@@ -61,6 +61,12 @@ class GradientInversion(Attack):
         wrt: ``"parameters"`` (federated updates) or ``"input"`` (a split-learning cut-layer
             gradient, kind ``"gradients"``; ``model`` is then the server's part, and the
             activations the client sent are used as known inputs when the transcript has them).
+        polish_steps: after the search, L-BFGS outer steps on the cosine distance with the label
+            fixed to the one found (0: none). The L2 objective is badly conditioned on some images
+            (DLG stalls there at 21-27 dB with the objective at the float32 rounding floor of the
+            weight delta); the cosine polish takes them above 50 dB.
+        dtype: the precision of the search (float64 by default: in float32 the L2 objective
+            stalls near 3e-8 on some images, 20-27 dB short of the solution).
     """
 
     name = "gradient_inversion"
@@ -72,7 +78,8 @@ class GradientInversion(Attack):
                  labels: str | Tensor = "auto", distance: str = "cosine", tv: float = 0.0, box: bool = False,
                  adam_steps: int = 0, step_size: float = 0.1, signed: bool = True, lbfgs_steps: int = 40,
                  restarts: int = 1, init: str = "randn", client_lr: float | None = None,
-                 local_steps: int = 1, local_batch_size: int | None = None, wrt: str = "parameters"):
+                 local_steps: int = 1, local_batch_size: int | None = None, wrt: str = "parameters",
+                 polish_steps: int = 0, dtype: torch.dtype = torch.float64):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         self._model = model
@@ -97,6 +104,7 @@ class GradientInversion(Attack):
         self.step_size = positive("step_size", step_size)
         self.signed = bool(signed)
         self.lbfgs_steps = int(non_negative("lbfgs_steps", lbfgs_steps))
+        self.polish_steps = int(non_negative("polish_steps", polish_steps))
         if self.adam_steps + self.lbfgs_steps < 1:
             raise ValueError("adam_steps and lbfgs_steps are both 0: the attack would not optimize at all")
         self.restarts = positive_int("restarts", restarts)
@@ -111,6 +119,9 @@ class GradientInversion(Attack):
         if wrt not in ("parameters", "input"):
             raise ValueError(f"wrt must be 'parameters' or 'input', got {wrt!r}")
         self.wrt = wrt
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+        self.dtype = dtype
         check_model(model, type(self).__name__)
         with torch.no_grad():
             was = model.training
@@ -131,10 +142,12 @@ class GradientInversion(Attack):
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         adam = steps_for(self.adam_steps, max_steps) if self.adam_steps else 0
         lbfgs = steps_for(self.lbfgs_steps, max_steps) if self.lbfgs_steps else 0
+        polish = steps_for(self.polish_steps, max_steps) if self.polish_steps else 0
         problems = self._problems(observed)
         recs, labels, history, objective = [], [], [], []
         for target, weights, known_input, label in problems:
-            x, y, hist, obj = self._solve(target, weights, known_input, label, adam, lbfgs, generator, show_progress)
+            x, y, hist, obj = self._solve(target, weights, known_input, label, adam, lbfgs, polish, generator,
+                                          show_progress)
             recs.append(x)
             labels.append(y)
             history.extend(hist)
@@ -186,38 +199,48 @@ class GradientInversion(Attack):
                               generator=torch.Generator().manual_seed(0))
         return torch.repeat_interleave(torch.arange(len(counts)), counts)
 
-    def _solve(self, target, weights, known_input, label, adam: int, lbfgs: int,
+    def _solve(self, target, weights, known_input, label, adam: int, lbfgs: int, polish: int,
                generator: torch.Generator, show_progress: bool):
-        model, dist, tv, wrt = self._model, DISTANCES[self.distance], self.tv, self.wrt
+        model, dist, tv, wrt, dtype = self._model, DISTANCES[self.distance], self.tv, self.wrt, self.dtype
         steps, lr, bs = self.local_steps, self.client_lr, self.local_batch_size
+        target = tuple(t.to(dtype) for t in target)
+        weights = {k: v.to(dtype) for k, v in weights.items()}
+        buffers = {k: b.detach().to(dtype) for k, b in model.named_buffers() if b.is_floating_point()}
+        known_input = None if known_input is None else known_input.to(dtype)
         n = len(target[0]) if wrt == "input" else self.batch_size
         r = self.restarts
         shape = (r, n, *self.input_shape)
         x0 = torch.randn(shape, generator=generator) if self.init == "randn" else torch.rand(shape, generator=generator)
-        variables = [] if known_input is not None else [x0]
+        variables = [] if known_input is not None else [x0.to(dtype)]
         if label is None:
-            variables.append(torch.randn(r, n, self.n_classes, generator=generator))
+            variables.append(torch.randn(r, n, self.n_classes, generator=generator).to(dtype))
         if not variables:
             raise ValueError(f"{type(self).__name__}: the inputs and the labels are both known; nothing to recover")
 
         def gradients(x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
             if wrt == "input":
-                return input_gradient(model, weights, x, y)
-            return parameter_gradients(model, weights, x, y, local_steps=steps, lr=lr, batch_size=bs)
+                return input_gradient(model, weights, x, y, buffers=buffers)
+            return parameter_gradients(model, weights, x, y, local_steps=steps, lr=lr, batch_size=bs, buffers=buffers)
 
-        def objective(*row: Tensor) -> Tensor:
+        def objective(*row: Tensor, fixed: Tensor | None = None, distance=dist) -> Tensor:
             x = known_input if known_input is not None else row[0]
-            y = label if label is not None else torch.softmax(row[-1], dim=-1)
-            value = dist(gradients(x, y), target)
+            y = fixed if fixed is not None else label if label is not None else torch.softmax(row[-1], dim=-1)
+            value = distance(gradients(x, y), target)
             return value + tv * tv_l1(x) if tv and known_input is None else value
 
+        desc = type(self).__name__
         result = optimize(objective, variables, adam_steps=adam, lr=self.step_size, signed=self.signed,
                           box=self.box and known_input is None, lbfgs_steps=lbfgs, show_progress=show_progress,
-                          desc=type(self).__name__)
+                          desc=desc)
         best = int(result.objective.argmin())
         x = known_input if known_input is not None else result.variables[0][best]
         y = label if label is not None else result.variables[-1][best].argmax(-1)
-        return x.detach(), y.detach(), result.history, float(result.objective[best])
+        history, value = result.history, float(result.objective[best])
+        if polish and known_input is None:
+            polished = optimize(lambda xr: objective(xr, fixed=y, distance=DISTANCES["cosine"]), [x[None]],
+                                lbfgs_steps=polish, show_progress=show_progress, desc=f"{desc} (cosine polish)")
+            x, value, history = polished.variables[0][0], float(polished.objective[0]), history + polished.history
+        return x.detach().float(), y.detach(), history, value
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(batch_size={self.batch_size}, labels={self.labels if isinstance(self.labels, str) else 'known'}, "
@@ -231,7 +254,8 @@ class DLG(GradientInversion):
     dummy input and soft label optimized jointly with L-BFGS to match the gradient in L2.
 
     The defaults are the robust ones: a strong-Wolfe line search (a plain L-BFGS step blows up
-    on some images), the best iterate kept, early stop when no restart improves.
+    on some images), float64, the best iterate kept, early stop when no restart improves, and a
+    cosine polish with the label found (``polish_steps=0`` gives the paper's L2 search alone).
 
     Example:
         >>> from toolkit import models
@@ -242,9 +266,10 @@ class DLG(GradientInversion):
     name = "dlg"
 
     def __init__(self, model: nn.Module, *, input_shape: Sequence[int], labels: str | Tensor = "joint",
-                 distance: str = "l2", lbfgs_steps: int = 40, init: str = "randn", **kwargs):
+                 distance: str = "l2", lbfgs_steps: int = 40, polish_steps: int = 20, init: str = "randn",
+                 **kwargs):
         super().__init__(model, input_shape=input_shape, labels=labels, distance=distance,
-                         lbfgs_steps=lbfgs_steps, init=init, **kwargs)
+                         lbfgs_steps=lbfgs_steps, polish_steps=polish_steps, init=init, **kwargs)
 
 
 class IDLG(DLG):

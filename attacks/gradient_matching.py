@@ -137,13 +137,13 @@ def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
 
 # -- what the client computed, as a function the attacker can differentiate ------------------------
 def parameter_gradients(model: nn.Module, weights: Params, x: Tensor, y: Tensor, *,
-                        local_steps: int = 1, lr: float | None = None,
-                        batch_size: int | None = None) -> tuple[Tensor, ...]:
+                        local_steps: int = 1, lr: float | None = None, batch_size: int | None = None,
+                        buffers: Params | None = None) -> tuple[Tensor, ...]:
     """The client's gradient (``local_steps == 1``), or its weight delta after ``local_steps`` SGD
     steps of ``lr`` over consecutive batches of ``batch_size`` (FedAvg; Geiping et al., 2020, sec. 5),
     differentiable in ``x`` and ``y``. Returns one tensor per parameter, in ``weights`` order."""
     def loss(p: Params, xb: Tensor, yb: Tensor) -> Tensor:
-        return soft_cross_entropy(functional_call(model, p, (xb,)), yb)
+        return soft_cross_entropy(functional_call(model, (p, buffers or {}), (xb,)), yb)
 
     if local_steps == 1:
         return tuple(grad(loss)(weights, x, y).values())
@@ -162,11 +162,12 @@ def parameter_gradients(model: nn.Module, weights: Params, x: Tensor, y: Tensor,
     return tuple(p[k] - weights[k] for k in weights)
 
 
-def input_gradient(model: nn.Module, weights: Params, z: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+def input_gradient(model: nn.Module, weights: Params, z: Tensor, y: Tensor, *,
+                   buffers: Params | None = None) -> tuple[Tensor, ...]:
     """Split learning: the gradient of the loss with respect to the tensor the model part takes
     (the cut-layer activations), of the batch-mean loss as SplitNN sends it back."""
     def loss(zb: Tensor, yb: Tensor) -> Tensor:
-        return soft_cross_entropy(functional_call(model, weights, (zb,)), yb)
+        return soft_cross_entropy(functional_call(model, (weights, buffers or {}), (zb,)), yb)
 
     return (grad(loss)(z, y),)
 
@@ -197,7 +198,7 @@ def optimize(objective: Callable[..., Tensor], variables: list[Tensor], *, share
     """
     batched = vmap(objective, in_dims=(0,) * len(variables) + (None,) * len(shared))
     variables = [v.detach().clone().requires_grad_(True) for v in variables]
-    best_obj = torch.full((len(variables[0]),), math.inf)
+    best_obj = torch.full((len(variables[0]),), math.inf, dtype=variables[0].dtype)
     best = [v.detach().clone() for v in variables]
     history: list[float] = []
 

@@ -142,3 +142,7 @@ def test_bad_input_is_refused(digits32):
         DLG(model, input_shape=SHAPE).run(observed)  # l2 on a weight delta needs the scale
     with pytest.raises(ValueError, match="does not take inputs"):
         DLG(model, input_shape=(3, 8, 8))
+    with pytest.raises(ValueError, match="dtype"):
+        DLG(model, input_shape=SHAPE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="polish_steps"):
+        DLG(model, input_shape=SHAPE, polish_steps=-2)
