@@ -138,7 +138,8 @@ class GradientInversion(Attack):
     def run(self, observed: Sequence[Transfer], *, show_progress: bool = False,
             generator: torch.Generator | None = None, max_steps: int | None = None) -> AttackResult:
         """Attack every update in ``observed`` (what the server received, plus the weights it
-        sent); returns reconstructions (N, *input_shape) and labels (N,) in transcript order."""
+        sent); returns reconstructions (N, *input_shape) and labels (N,) in transcript order, and
+        the best objective per step (the search's, then the polish's) as ``history``."""
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         adam = steps_for(self.adam_steps, max_steps) if self.adam_steps else 0
         lbfgs = steps_for(self.lbfgs_steps, max_steps) if self.lbfgs_steps else 0
@@ -245,6 +246,7 @@ class GradientInversion(Attack):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(batch_size={self.batch_size}, labels={self.labels if isinstance(self.labels, str) else 'known'}, "
                 f"distance={self.distance}, tv={self.tv}, adam_steps={self.adam_steps}, lbfgs_steps={self.lbfgs_steps}, "
+                f"polish_steps={self.polish_steps}, "
                 f"restarts={self.restarts}, local_steps={self.local_steps}, wrt={self.wrt}) "
                 f"[threat model: {self.threat_model}]")
 
