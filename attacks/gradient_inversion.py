@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from attacks.base import Attack, AttackResult, non_negative, positive, positive_int, select, steps_for
 from attacks.gradient_matching import (DISTANCES, Update, check_model, input_gradient, optimize,

@@ -183,10 +183,10 @@ class Optimized:
     steps: int
 
 
-def optimize(objective: Callable[..., Tensor], variables: list[Tensor], *, shared: Sequence = (),
-             adam_steps: int = 0, lr: float = 0.1, signed: bool = True, box: bool = False,
-             lbfgs_steps: int = 0, show_progress: bool = False, desc: str = "gradient matching") -> Optimized:
-    """Minimize ``objective(*row_variables, *shared) -> scalar`` for every row of ``variables``
+def optimize(objective: Callable[..., Tensor], variables: list[Tensor], *, adam_steps: int = 0,
+             lr: float = 0.1, signed: bool = True, box: bool = False, lbfgs_steps: int = 0,
+             show_progress: bool = False, desc: str = "gradient matching") -> Optimized:
+    """Minimize ``objective(*row_variables) -> scalar`` for every row of ``variables``
     at once (vmap over dim 0): first ``adam_steps`` of Adam (hard-signed gradients and step decay
     at 3/8, 5/8, 7/8 as Geiping et al., 2020; pixels clamped to [0, 1] when ``box``), then
     ``lbfgs_steps`` outer steps of L-BFGS with a strong-Wolfe line search (20 iterations each).
@@ -196,14 +196,14 @@ def optimize(objective: Callable[..., Tensor], variables: list[Tensor], *, share
     kept; a non-finite objective stops the phase and restores it. KeyboardInterrupt returns the
     best so far.
     """
-    batched = vmap(objective, in_dims=(0,) * len(variables) + (None,) * len(shared))
+    batched = vmap(objective)
     variables = [v.detach().clone().requires_grad_(True) for v in variables]
     best_obj = torch.full((len(variables[0]),), math.inf, dtype=variables[0].dtype)
     best = [v.detach().clone() for v in variables]
     history: list[float] = []
 
     def evaluate() -> Tensor:
-        values = batched(*variables, *shared)
+        values = batched(*variables)
         with torch.no_grad():
             better = values.detach() < best_obj
             if bool(better.any()):
@@ -264,8 +264,3 @@ def optimize(objective: Callable[..., Tensor], variables: list[Tensor], *, share
     if box:
         best[0].clamp_(0, 1)
     return Optimized(best, best_obj, history, steps)
-
-
-def select_rows(values: Tensor, rows: int, restarts: int) -> Tensor:
-    """(rows * restarts,) objective -> (rows,) index of each row's best restart (restart-major)."""
-    return values.view(restarts, rows).argmin(0) * rows + torch.arange(rows)

@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from attacks.analytic import AnalyticFC, LabelCounts, imprint_block, label_counts
-from toolkit import data, metrics, models, seed_everything
+from toolkit import metrics, models, seed_everything
 from toolkit.federated import FedConfig, FederatedAveraging
 from toolkit.parties import flat_state
 from toolkit.wire import Wire
