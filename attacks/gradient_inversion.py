@@ -138,23 +138,26 @@ class GradientInversion(Attack):
             generator: torch.Generator | None = None, max_steps: int | None = None) -> AttackResult:
         """Attack every update in ``observed`` (what the server received, plus the weights it
         sent); returns reconstructions (N, *input_shape) and labels (N,) in transcript order, and
-        the best objective per step (the search's, then the polish's) as ``history``."""
+        the best objective per step (the search's, then the polish's) as ``history``, update after
+        update (``extras["steps"]`` says how many entries each update has)."""
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         adam = steps_for(self.adam_steps, max_steps) if self.adam_steps else 0
         lbfgs = steps_for(self.lbfgs_steps, max_steps) if self.lbfgs_steps else 0
         polish = steps_for(self.polish_steps, max_steps) if self.polish_steps else 0
         problems = self._problems(observed)
-        recs, labels, history, objective = [], [], [], []
+        recs, labels, history, objective, steps = [], [], [], [], []
         for target, weights, known_input, label in problems:
             x, y, hist, obj = self._solve(target, weights, known_input, label, adam, lbfgs, polish, generator,
                                           show_progress)
             recs.append(x)
             labels.append(y)
             history.extend(hist)
+            steps.append(len(hist))
             objective.append(obj)
         return AttackResult(self.name, reconstruction=torch.cat(recs), labels=torch.cat(labels), history=history,
                             config={**self.config(), "attack": type(self).__name__},
-                            extras={"objective": torch.tensor(objective), "updates": len(problems)})
+                            extras={"objective": torch.tensor(objective), "updates": len(problems),
+                                    "steps": steps})  # history entries per update, in order
 
     def _problems(self, observed: Sequence[Transfer]) -> list[tuple]:
         """(target gradients, weights, known input or None, labels or None) per update."""
