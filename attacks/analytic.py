@@ -18,26 +18,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from attacks.base import Attack, AttackResult, positive, positive_int
-from attacks.gradient_matching import Params, check_model, read_updates
+from attacks.gradient_matching import Params, check_model, last_layer, read_updates
 from toolkit.wire import Transfer
 
 
 # -- label counts ---------------------------------------------------------------------------------
-def _last_layer(params: Params) -> tuple[str, str | None]:
-    """The last 2-D parameter (the last Linear's weight) and its bias (the next parameter, when 1-D
-    with one entry per row)."""
-    names = list(params)
-    matrices = [i for i, n in enumerate(names) if params[n].dim() == 2]
-    if not matrices:
-        raise ValueError("label counts need a last Linear layer (a 2-D parameter); the model has none")
-    i = matrices[-1]
-    weight = names[i]
-    nxt = names[i + 1] if i + 1 < len(names) else None
-    if nxt is not None and params[nxt].dim() == 1 and len(params[nxt]) == len(params[weight]):
-        return weight, nxt
-    return weight, None
-
-
 def _largest_remainder(real: Tensor, total: int) -> Tensor:
     """Non-negative integers summing to ``total``, closest to ``real`` (K,) by largest remainder."""
     r = real.double().clamp(min=0)
@@ -75,7 +60,7 @@ def label_counts(gradient: Params, model: nn.Module, weights: Params, *, batch_s
     queries = positive_int("queries", queries)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
-    w_name, b_name = _last_layer(weights)
+    w_name, b_name = last_layer(weights)
     n_classes = len(weights[w_name])
     if batch_size > n_classes:
         warnings.warn(f"batch size {batch_size} exceeds the {n_classes} classes: label counts stay exact "
@@ -160,7 +145,7 @@ class LabelCounts(Attack):
         self.batch_size = positive_int("batch_size", batch_size)
         self.client_lr = None if client_lr is None else positive("client_lr", client_lr)
         self.queries = positive_int("queries", queries)
-        _last_layer(dict(model.named_parameters()))
+        last_layer(dict(model.named_parameters()))
 
     def run(self, observed: Sequence[Transfer], *, show_progress: bool = False,
             generator: torch.Generator | None = None, max_steps: int | None = None) -> AttackResult:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from attacks.base import Attack, AttackResult, non_negative, positive, positive_int, select, steps_for
-from attacks.gradient_matching import (DISTANCES, Update, check_model, input_gradient, optimize,
+from attacks.gradient_matching import (DISTANCES, Update, check_model, input_gradient, last_layer, optimize,
                                        parameter_gradients, read_updates, tv_l1)
 from toolkit.wire import Transfer
 
@@ -25,11 +25,8 @@ def idlg_label(gradient: dict[str, Tensor]) -> int:
     cross-entropy the bias gradient p - onehot(y) is negative only at the true class; without a
     bias, the weight row of the true class sums negative when the penultimate activations are
     non-negative (sigmoid, ReLU)."""
-    tensors = list(gradient.values())
-    last = max(i for i, t in enumerate(tensors) if t.dim() == 2)
-    if last + 1 < len(tensors) and tensors[last + 1].shape == tensors[last].shape[:1]:
-        return int(tensors[last + 1].argmin())
-    return int(tensors[last].sum(dim=1).argmin())
+    weight, bias = last_layer(gradient)
+    return int(gradient[bias].argmin()) if bias is not None else int(gradient[weight].sum(dim=1).argmin())
 
 
 class GradientInversion(Attack):

@@ -103,6 +103,21 @@ def read_updates(observed: Sequence[Transfer], model: nn.Module, *, lr: float | 
     return out
 
 
+def last_layer(params: Params) -> tuple[str, str | None]:
+    """The last 2-D parameter (the last Linear's weight) and its bias (the next parameter, when 1-D
+    with one entry per row)."""
+    names = list(params)
+    matrices = [i for i, n in enumerate(names) if params[n].dim() == 2]
+    if not matrices:
+        raise ValueError("label counts need a last Linear layer (a 2-D parameter); the model has none")
+    i = matrices[-1]
+    weight = names[i]
+    nxt = names[i + 1] if i + 1 < len(names) else None
+    if nxt is not None and params[nxt].dim() == 1 and len(params[nxt]) == len(params[weight]):
+        return weight, nxt
+    return weight, None
+
+
 # -- distances and priors ---------------------------------------------------------------------
 def l2_distance(g: Sequence[Tensor], target: Sequence[Tensor]) -> Tensor:
     """Sum of squared differences over every tensor (Zhu et al., 2019)."""
