@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from toolkit.validate import non_negative, positive, positive_int  # noqa: F401  (re-exported for attacks)
 from toolkit.wire import Transfer
 
 
@@ -101,24 +102,6 @@ def stack(transfers: Sequence[Transfer]) -> Tensor:
     if len(shapes) > 1:
         raise ValueError(f"the selected transfers have different shapes per sample: {sorted(shapes)}")
     return torch.cat([x.detach().float() for x in tensors])
-
-
-def positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def non_negative(name: str, value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-    return float(value)
-
-
-def positive(name: str, value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
 
 
 def steps_for(steps: int, max_steps: int | None) -> int:
