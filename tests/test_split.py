@@ -229,60 +229,6 @@ def test_eval_each_epoch_adds_test_columns(digits):
     assert list(marked["epoch"]) == [0, 1] and (marked["test_accuracy"] > 0.5).all()
 
 
-# -- bad input ----------------------------------------------------------------------------
-def test_parts_that_do_not_chain_are_refused_at_construction(digits):
-    client = models.mlp([64, 32])
-    with pytest.raises(ValueError, match=r"server's part.*Linear\(in_features=40.*\(32,\)"):
-        SplitNN.vanilla(client, nn.Linear(40, 10), digits)
-
-
-def test_too_few_outputs_for_the_classes(digits):
-    with pytest.raises(ValueError, match="outputs 5 values per sample but its labels have 10 classes"):
-        SplitNN.vanilla(models.mlp([64, 32]), nn.Linear(32, 5), digits)
-
-
-def test_labels_of_the_wrong_length(digits):
-    bad = types.SimpleNamespace(x_train=digits.x_train, y_train=digits.y_train[:-3],
-                                x_test=digits.x_test, y_test=digits.y_test)
-    with pytest.raises(ValueError, match=r"1437 samples but client's labels y has 1434.*wrong label length"):
-        SplitNN.vanilla(models.mlp([64, 32]), nn.Linear(32, 10), bad)
-
-
-def test_vertical_client_missing_samples(digits):
-    left, right = data.vertical_split(digits, 2)
-    short = right.subset(torch.arange(1000))
-    with pytest.raises(ValueError, match="client:1 holds 1000 train samples but client:0 holds 1437"):
-        SplitNN.vertical([models.mlp([32, 8]), models.mlp([32, 8])], nn.Linear(16, 10), [left, short])
-    shuffled = right.subset(torch.randperm(len(right.y_train), generator=torch.Generator().manual_seed(0)))
-    with pytest.raises(ValueError, match="not aligned"):
-        SplitNN.vertical([models.mlp([32, 8]), models.mlp([32, 8])], nn.Linear(16, 10), [left, shuffled])
-
-
-@pytest.mark.parametrize("kwargs,message", [
-    ({"batch_size": 0}, "batch sizes must be positive"),
-    ({"lr": -1.0}, "lr must be positive"),
-    ({"optimizer": "rmsprop"}, "unknown optimizer"),
-])
-def test_bad_config(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        SplitConfig(**kwargs)
-
-
-def test_bad_configuration_arguments(digits):
-    parts = models.cut(mlp4(), at=(1, 3))
-    with pytest.raises(ValueError, match="at least three segments"):
-        SplitNN.multi_hop(parts[:2], digits)
-    with pytest.raises(ValueError, match="distinct party name"):
-        SplitNN.multi_hop(parts, digits, names=["a", "b", "a"])
-    with pytest.raises(ValueError, match="unknown merge"):
-        SplitNN.vertical([models.mlp([32, 8])] * 2, nn.Linear(16, 10), data.vertical_split(digits, 2), merge="max")
-    with pytest.raises(ValueError, match="label_holder"):
-        SplitNN.vertical([models.mlp([32, 8])] * 2, nn.Linear(16, 10), data.vertical_split(digits, 2),
-                         label_holder="bank")
-    with pytest.raises(ValueError, match="epochs must be a positive int"):
-        CONFIGS["vanilla"](digits, FAST).fit(epochs=0)
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_a_copying_transport_gives_the_same_transfers_and_numbers(digits, name):
     runs = []

@@ -12,6 +12,10 @@ sends one tensor to many receivers (each gets all of it and is counted for all o
 
 What crosses is a tensor or a :class:`Packet`: several tensors that travel as one message (a
 compressed update: indices and values), counted byte for byte.
+
+Transforms run on the sender's side before anything is counted: ``transmit`` returns the
+transformed tensor inside the sender's autograd graph as well as what is delivered, so a
+protocol backpropagating across the boundary differentiates through the transforms.
 """
 from __future__ import annotations
 
@@ -26,6 +30,9 @@ from torch import Tensor
 
 Names = Union[str, tuple[str, ...]]
 Transform = Callable[..., Any]  # transform(tensor, *, kind) -> tensor; ignores kinds it does not handle
+# A transform runs on the sender's side, inside its autograd graph: whatever it does (scale, mask,
+# clip, reshape) is differentiated on the way back. One with no useful gradient says in its
+# docstring what it does backward (e.g. straight-through, see straight_through).
 
 
 class Packet:
@@ -120,6 +127,25 @@ class _Record:
             yield Transfer(self.step, s, r, self.kind, self.tensor[i], self.phase)
 
 
+def straight_through(forward: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """Wrap an operation with no useful gradient (rounding, quantization) for use in a wire
+    transform: the forward value is ``forward(t)``, the backward pass is the identity
+    (the straight-through estimator; Bengio, Léonard, Courville, "Estimating or propagating
+    gradients through stochastic neurons", 2013).
+
+    Example:
+        >>> t = torch.tensor([0.2, 0.7], requires_grad=True)
+        >>> q = straight_through(torch.round)(t)
+        >>> q.sum().backward()
+        >>> q.tolist(), t.grad.tolist()
+        ([0.0, 1.0], [1.0, 1.0])
+    """
+    def apply(t: Tensor) -> Tensor:
+        value = forward(t.detach())
+        return t + (value - t).detach() if t.requires_grad else value
+    return apply
+
+
 class Transport(Protocol):
     """Delivers a tensor from one party to another (in-process, or across processes)."""
 
@@ -175,6 +201,17 @@ class Wire:
         ``sender`` or ``receiver`` may be a tuple of names for a stacked tensor with one row
         per name (a vectorized simulation); both tuples pair rows one to one.
         """
+        return self.transmit(tensor, sender=sender, receiver=receiver, kind=kind)[1]
+
+    def transmit(self, tensor: Payload, *, sender: Names, receiver: Names, kind: str) -> tuple[Payload, Payload]:
+        """:meth:`send`, also returning the sender's side: ``(sent, delivered)``.
+
+        ``sent`` is the transformed tensor still inside the sender's autograd graph (the sender
+        applies the wire's transforms); ``delivered`` is the detached copy the receiver gets. A
+        protocol that backpropagates across the boundary continues from ``sent`` with the
+        gradient the receiver sends back, so the backward pass goes through every transform
+        exactly (scaling, masking, clipping, reshaping).
+        """
         for t in self.transforms:
             tensor = t(tensor, kind=kind)
         nbytes = tensor.nbytes
@@ -194,7 +231,7 @@ class Wire:
         if self.recording:
             self._records.append(_Record(self.step, sender, receiver, kind,
                                          tensor.detach().clone(), self.phase))
-        return self.transport.deliver(tensor, sender=sender, receiver=receiver, kind=kind)
+        return tensor, self.transport.deliver(tensor, sender=sender, receiver=receiver, kind=kind)
 
     def broadcast(self, tensor: Payload, *, sender: str, receivers: Sequence[str], kind: str) -> Payload:
         """Send one tensor to every receiver (e.g. global weights); each is counted in full."""

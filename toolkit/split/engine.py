@@ -8,10 +8,13 @@ Between two stages the shape of the hand-over is one of
 * 1 -> n: one shared output fanned out to several heads (multi-task); sent once per party.
 
 Whenever consecutive segments sit on different parties the tensor crosses the Wire: the
-receiver gets a fresh leaf (``detach().requires_grad_()``), trains on it, and sends the
+sender applies the wire's transforms inside its own autograd graph, the receiver gets a fresh
+leaf (``detach().requires_grad_()``) of what was delivered, trains on it, and sends the
 gradient with respect to it back through the Wire; the sender continues backpropagation from
-there (Gupta & Raskar, "Distributed learning of deep neural network over multiple agents",
-2018). This is the same computation as training the unsplit network.
+its transformed tensor with the gradient it received (Gupta & Raskar, "Distributed learning of
+deep neural network over multiple agents", 2018). Without transforms this is the same
+computation as training the unsplit network; with them, the same as the unsplit network with
+the transforms inserted at the cut, backward pass included.
 """
 from __future__ import annotations
 
@@ -72,8 +75,8 @@ MERGES: dict[str, Callable[[Sequence[Tensor]], Tensor]] = {"concat": concat, "su
 
 
 class Crossing(NamedTuple):
-    sent: Tensor     # sender's tensor, inside the sender's autograd graph
-    leaf: Tensor     # receiver's copy, a leaf whose .grad goes back over the wire
+    sent: Tensor     # sender's tensor after the wire's transforms, inside the sender's autograd graph
+    leaf: Tensor     # receiver's copy of what was delivered, a leaf whose .grad goes back over the wire
     sender: str
     receiver: str
 
@@ -105,14 +108,17 @@ class Pipeline:
                 seen.setdefault(id(seg.party), seg.party)
         return list(seen.values())
 
-    def check(self, input_shapes: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
-        """Run a dummy batch (no wire) to check that the segments chain; returns output shapes.
+    def check(self, input_shapes: Sequence[Sequence[int]], *, run_last: bool = True) -> list[tuple[int, ...]]:
+        """Run a dummy batch (no wire) to check that the segments chain; returns the output shapes
+        of the last stage (with ``run_last=False``: the shapes its segments receive).
 
         Raises ValueError naming the party, the layer and the shapes when they do not.
         """
         h = [torch.zeros(2, *(int(d) for d in s)) for s in input_shapes]
         last = len(self.stages) - 1
         for i, stage in enumerate(self.stages):
+            if i == last and not run_last:
+                return [tuple(x.shape[1:]) for x in h]
             outs = [trace(seg.module, x, where=f"{seg.party.name}'s part (stage {i})")
                     for seg, x in zip(stage, h)]
             if i == last:
@@ -126,13 +132,21 @@ class Pipeline:
 
         ``inputs`` holds one tensor per first-stage segment, each its own party's private input.
         """
+        received, hops = self.deliver(inputs, train=train)
+        return self.head(received), hops
+
+    def head(self, received: Sequence[Tensor]) -> list[Tensor]:
+        """The last stage's outputs from what its segments received (see :meth:`deliver`)."""
+        return [seg.module(x) for seg, x in zip(self.stages[-1], received)]
+
+    def deliver(self, inputs: Sequence[Tensor], *, train: bool) -> tuple[list[Tensor], list[list[Crossing]]]:
+        """Run every stage but the last; returns what each last-stage segment receives (after a
+        merge at the receiver) and the crossings made per hand-over."""
         hops: list[list[Crossing]] = []
         h = list(inputs)
         last = len(self.stages) - 1
-        for i, stage in enumerate(self.stages):
+        for i, stage in enumerate(self.stages[:last]):
             outs = [seg.module(x) for seg, x in zip(stage, h)]
-            if i == last:
-                return outs, hops
             nxt = self.stages[i + 1]
             crossings: list[Crossing] = []
             if len(nxt) == 1:  # 1 -> 1, or n -> 1 with a merge at the receiver
@@ -149,27 +163,41 @@ class Pipeline:
                         by_party[dst] = self._cross(outs[0], src, dst, train, crossings)
                     h.append(by_party[dst])
             hops.append(crossings)
-        raise AssertionError("unreachable")
+        return h, hops
 
     def _cross(self, t: Tensor, src: str, dst: str, train: bool, crossings: list[Crossing]) -> Tensor:
         if src == dst:
             return t
-        got = self.wire.send(t, sender=src, receiver=dst, kind="activations")
+        sent, got = self.wire.transmit(t, sender=src, receiver=dst, kind="activations")
+        if train and t.requires_grad and not (isinstance(sent, Tensor) and sent.requires_grad):
+            raise ValueError(f"a wire transform cut {src}'s activations out of its autograd graph, so {src} "
+                             f"could not train on the gradient it gets back; a transform with no useful "
+                             f"gradient must say what it does backward (e.g. toolkit.wire.straight_through)")
         if train:
             got.requires_grad_()  # the transport delivers a tensor without autograd history
-            crossings.append(Crossing(t, got, src, dst))
+            crossings.append(Crossing(sent, got, src, dst))
         return got
 
-    def backward(self, loss: Tensor, hops: list[list[Crossing]]) -> None:
-        """Backpropagate ``loss`` at its party, then hand gradients back across each crossing."""
-        loss.backward()
+    def backward(self, loss: Tensor | None, hops: list[list[Crossing]], *,
+                 received: Sequence[Tensor] = (), gradients: Sequence[Tensor] = ()) -> dict[str, list[Tensor]]:
+        """Backpropagate ``loss`` at its party (or, for a last stage that computes its own
+        gradients, ``gradients`` with respect to what it ``received``), then hand gradients back
+        across each crossing. Returns the gradients each party received over the wire."""
+        if loss is not None:
+            loss.backward()
+        elif received:
+            torch.autograd.backward(list(received), list(gradients))
         wire = self.wire
+        got_by: dict[str, list[Tensor]] = {}
         for crossings in reversed(hops):
             sent, grads = [], []
             for t, leaf, src, dst in crossings:
                 if leaf.grad is None or not t.requires_grad:
                     continue  # the receiver did not use it, or the sender has nothing to train
-                grads.append(wire.send(leaf.grad, sender=dst, receiver=src, kind="gradients"))
+                g = wire.send(leaf.grad, sender=dst, receiver=src, kind="gradients")
+                got_by.setdefault(src, []).append(g)
+                grads.append(g)
                 sent.append(t)
             if sent:
                 torch.autograd.backward(sent, grads)
+        return got_by

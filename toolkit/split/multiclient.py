@@ -19,7 +19,9 @@ from torch import nn
 from toolkit.parties import Party, flat_state, load_flat_state
 from toolkit.progress import progress
 from toolkit.split.engine import Pipeline, Segment, Task
-from toolkit.split.splitnn import SplitConfig, SplitNN, _defaults, _holdings
+from toolkit.split.config import SplitConfig
+from toolkit.split.configurations import _defaults, _holdings
+from toolkit.split.splitnn import SplitNN
 from toolkit.wire import Wire
 
 
