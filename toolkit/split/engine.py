@@ -18,6 +18,7 @@ the transforms inserted at the cut, backward pass included.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -74,6 +75,12 @@ def add(tensors: Sequence[Tensor]) -> Tensor:
 MERGES: dict[str, Callable[[Sequence[Tensor]], Tensor]] = {"concat": concat, "sum": add}
 
 
+def _apply(transforms: Sequence[Callable], t: Tensor) -> Tensor:
+    for transform in transforms:
+        t = transform(t, kind="activations")
+    return t
+
+
 class Crossing(NamedTuple):
     sent: Tensor     # sender's tensor after the wire's transforms, inside the sender's autograd graph
     leaf: Tensor     # receiver's copy of what was delivered, a leaf whose .grad goes back over the wire
@@ -115,6 +122,7 @@ class Pipeline:
         Raises ValueError naming the party, the layer and the shapes when they do not.
         """
         h = [torch.zeros(2, *(int(d) for d in s)) for s in input_shapes]
+        transforms = copy.deepcopy(self.wire.transforms)  # copies: the dummy batch leaves their state alone
         last = len(self.stages) - 1
         for i, stage in enumerate(self.stages):
             if i == last and not run_last:
@@ -124,6 +132,9 @@ class Pipeline:
             if i == last:
                 return [tuple(o.shape[1:]) for o in outs]
             nxt = self.stages[i + 1]
+            crossing = [seg.party is not nxt[0].party or len(nxt) > 1 for seg in stage]
+            with torch.no_grad():
+                outs = [_apply(transforms, o) if crosses else o for o, crosses in zip(outs, crossing)]
             h = ([outs[0]] if len(outs) == 1 else [self.merge(outs)]) if len(nxt) == 1 else outs * len(nxt)
         raise AssertionError("unreachable")
 
