@@ -60,8 +60,8 @@ def test_fsha_drives_private_reconstruction_mse_below_target(attacked):
     summary = (f"MSE first {WINDOW} steps {first:.4f}, last {WINDOW} {last:.4f}, first below {TARGET} at step "
                f"{attacked.crossed}, {len(mse)} steps in {attacked.seconds:.1f} s")
     assert len(mse) == STEPS, summary
-    assert attacked.crossed is not None, summary
-    assert last < TARGET, summary
+    assert attacked.crossed is not None and attacked.crossed < 200, summary
+    assert last < 0.04, summary  # the docstring's figure: 0.034 over steps 351-400
     assert first > 2.5 * last, summary  # the error falls by a clear factor over training
     assert first > 0.08, summary        # and it starts high: the client's features are not invertible at first
 
@@ -91,7 +91,7 @@ def test_everything_crossed_the_wire_and_no_raw_input_did(attacked, parts):
 def test_splitguard_flags_the_attack_before_mse_drops_below_target(attacked):
     guard = attacked.guard
     assert guard.flagged, guard.scores
-    assert guard.flagged_at < attacked.crossed, (guard.flagged_at, attacked.crossed)
+    assert guard.flagged_at < min(50, attacked.crossed), (guard.flagged_at, attacked.crossed)
     assert attacked.result.extras["flagged_at"] == guard.flagged_at
     fakes = sum(attacked.result.extras["fake"])
     assert 0 < fakes < STEPS / 2 and len(guard.scores) <= fakes
@@ -105,7 +105,7 @@ def test_splitguard_does_not_flag_honest_split_training(parts):
     history = guarded_split_training(client, server, parts.x, parts.y, guard=guard, steps=STEPS, batch_size=32,
                                      lr=3e-3, wire=wire, generator=torch.Generator().manual_seed(0))
     assert not guard.flagged and guard.flagged_at is None, guard.scores
-    assert len(guard.scores) > 20 and sorted(guard.scores)[len(guard.scores) // 2] > 0.9
+    assert len(guard.scores) > 20 and sum(s > 0.9 for s in guard.scores) >= 0.95 * len(guard.scores)
     regular = history.loc[~history.fake, "loss"]
     assert regular.tail(WINDOW).mean() < 0.5 * regular.head(20).mean()  # the honest task is learnt
     assert {t.kind for t in wire.observed(by="client")} == {"gradients"}
@@ -124,10 +124,9 @@ def test_splitguard_example_scores():
 # -- smoke, reproducibility, bad input -----------------------------------------------------------
 def test_smoke_max_steps(parts):
     client, _ = _client()
-    start = time.perf_counter()
     result = FeatureSpaceHijacking().attack_training(client, parts.x, parts.public, steps=STEPS, max_steps=3,
                                                      generator=torch.Generator().manual_seed(0))
-    assert len(result.history) == 3 and time.perf_counter() - start < 10
+    assert len(result.history) == 3
     assert result.reconstruction.shape == (32, 1, 8, 8) and len(result.extras["rows"]) == 32
     assert "fsha" in repr(result) and "malicious server" in repr(FeatureSpaceHijacking())
 
