@@ -124,12 +124,18 @@ def _bad_velocity(state):
     state["server_optimizer"] = {"velocity": torch.zeros(1)}  # would broadcast over every weight
 
 
+def _one_task_too_many(state):
+    for snapshot in state["events"]["value"]["snapshots"].values():
+        snapshot[1] += 1  # [weights, tasks still out]
+
+
 def _unknown_class(state):
     state["events"]["objects"][0]["class"] = "subprocess.Popen"
 
 
 TAMPERED = {"fedavg-residual": (_fedavg, _bad_residual, "residual must be a 2-D"),
             "fedbuff-velocity": (_fedbuff, _bad_velocity, r"velocity.*shape \(1,\).*\(\d+,\)"),
+            "fedbuff-snapshots": (_fedbuff, _one_task_too_many, "tasks out per version"),
             "fedasync-class": (_fedasync, _unknown_class, "subprocess.Popen")}
 
 

@@ -91,6 +91,18 @@ def to_plain(value: Any, classes: Mapping[str, type]) -> dict[str, Any]:
     Returns ``{"objects": [{"class": name, "fields": {...}}, ...], "value": encoded value}``.
     Raises a TypeError naming any other kind of object, and a ValueError for a cycle or a dict
     that uses the reserved key ``OBJECT_KEY``.
+
+    Example:
+        >>> @dataclasses.dataclass
+        ... class Batch:
+        ...     rows: int
+        >>> batch = Batch(3)
+        >>> plain = to_plain([batch, batch], {"Batch": Batch})
+        >>> plain
+        {'objects': [{'class': 'Batch', 'fields': {'rows': 3}}], 'value': [{'__leaklab_object__': 0}, {'__leaklab_object__': 0}]}
+        >>> first, second = from_plain(plain, {"Batch": Batch})
+        >>> first is second, first
+        (True, Batch(rows=3))
     """
     names = {cls: name for name, cls in _registry(classes).items()}
     table: list[dict[str, Any]] = []

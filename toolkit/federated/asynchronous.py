@@ -197,26 +197,33 @@ class _Asynchronous(FederatedProtocol, ABC):
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         events = from_plain(state["events"], self._CHECKPOINT_CLASSES, what="the event queue")
-        queue, snapshots, seq = events["queue"], events["snapshots"], events["seq"]
+        self._check_events(events["queue"], events["snapshots"])
+        if type(events["since"]) is not dict or set(events["since"]) != set(self._since):
+            raise ValueError(f"the checkpoint's running totals must have the keys {sorted(self._since)}")
+        self.clock = non_negative("the checkpoint's clock", events["clock"])
+        self._seq = non_negative_int("the checkpoint's task counter", events["seq"])
+        self._queue, self._snapshots, self._since = events["queue"], events["snapshots"], events["since"]
+
+    def _check_events(self, queue: Any, snapshots: Any) -> None:
+        """Refuse a decoded queue that is not client tasks in time order, each the row of its batch
+        that its client trains, or whose versions do not match the snapshots' counts of tasks out."""
         if type(queue) is not list or not all(isinstance(t, _Task) and isinstance(t.batch, _Batch)
                                               and isinstance(t.batch.plan, RoundPlan) for t in queue):
             raise ValueError("the checkpoint's event queue holds something other than client tasks")
         if type(snapshots) is not dict or not all(type(v) is list and len(v) == 2 for v in snapshots.values()):
             raise ValueError("the checkpoint's snapshots must map model versions to [weights, tasks out]")
         self._check_like_weights("snapshot of version", {k: v[0] for k, v in snapshots.items()})
-        out = Counter(t.batch.version for t in queue)  # every queued task's version has its snapshot
-        if out != {k: v[1] for k, v in snapshots.items()} or any(
-                type(t.client) is not int or not 0 <= t.client < len(self.data) for t in queue):
-            raise ValueError(f"the checkpoint's event queue does not fit its snapshots or these {len(self.data)} "
-                             f"clients: tasks out per version {dict(out)}, snapshots "
-                             f"{ {k: v[1] for k, v in snapshots.items()} }")
+        out, counts = dict(Counter(t.batch.version for t in queue)), {k: v[1] for k, v in snapshots.items()}
+        if out != counts:
+            raise ValueError(f"the checkpoint's event queue has tasks out per version {out}, its snapshots "
+                             f"count {counts}")
+        for t in queue:
+            if type(t.client) is not int or not 0 <= t.client < len(self.data) or type(t.row) is not int \
+                    or not 0 <= t.row < len(t.batch.plan.clients) or int(t.batch.plan.clients[t.row]) != t.client:
+                raise ValueError(f"the checkpoint's task {t.seq} (client {t.client!r}, row {t.row!r}) is not a "
+                                 f"row of its batch among these {len(self.data)} clients")
         if any(queue[i] < queue[(i - 1) // 2] for i in range(1, len(queue))):
             raise ValueError("the checkpoint's event queue is not in time order")
-        if type(events["since"]) is not dict or set(events["since"]) != set(self._since):
-            raise ValueError(f"the checkpoint's running totals must have the keys {sorted(self._since)}")
-        self.clock = non_negative("the checkpoint's clock", events["clock"])
-        self._seq = non_negative_int("the checkpoint's task counter", seq)
-        self._queue, self._snapshots, self._since = queue, snapshots, events["since"]
 
 
 class FedAsync(_Asynchronous):
