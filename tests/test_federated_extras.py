@@ -131,9 +131,18 @@ BUILDERS = {
     "fedavg": lambda clients: FederatedAveraging(
         mlp(), clients, config=FedConfig(fraction=0.5, dropout=0.1, server_optimizer="fedadam", server_lr=0.01),
         compressor=TopK(0.1)),
+    "fedavgm": lambda clients: FederatedAveraging(
+        mlp(), clients, config=FedConfig(fraction=0.5, server_optimizer="fedavgm", server_lr=0.5),
+        compressor=QSGD(levels=4, error_feedback=True)),
     "fedbuff": lambda clients: FedBuff(mlp(), clients, config=FedConfig(fraction=0.5), buffer_size=3),
     "fedasync": lambda clients: FedAsync(mlp(), clients, config=FedConfig(fraction=0.5, dropout=0.2)),
 }
+
+
+def batches(fl):
+    """For each queued task, the position of its batch among the distinct batches (shared or not)."""
+    seen = {}
+    return [seen.setdefault(id(t.batch), len(seen)) for t in fl._queue]
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
@@ -144,8 +153,12 @@ def test_a_run_interrupted_after_round_two_resumes_exactly(tmp_path, iid10, name
     first = build(iid10)
     first.fit(rounds=2)
     first.save(tmp_path / "run.pt")
+    state = torch.load(tmp_path / "run.pt", weights_only=True)  # tensors and plain data only: no pickled object
+    assert state["format"] == "leaklab-federated-2"
     resumed = build(iid10)
     resumed.load(tmp_path / "run.pt")
+    if hasattr(first, "_queue"):  # tasks dispatched together still share one batch
+        assert batches(resumed) == batches(first)
     rest = resumed.fit(rounds=2)
     assert torch.equal(full.weights, resumed.weights)
     cols = [c for c in whole.columns if c != "seconds"]
@@ -154,6 +167,11 @@ def test_a_run_interrupted_after_round_two_resumes_exactly(tmp_path, iid10, name
     assert torch.equal(full.generator.get_state(), resumed.generator.get_state())
     assert resumed.wire.total_bytes == full.wire.total_bytes
     assert len(resumed.wire.observed()) == len(full.wire.observed())
+    if full.compressor is not None:  # the error-feedback memory carried over
+        assert torch.equal(full.compressor.residual, resumed.compressor.residual)
+    if hasattr(full, "server_optimizer"):  # FedAdam's moments, FedAvgM's velocity
+        mine, theirs = full.server_optimizer.state_dict(), resumed.server_optimizer.state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 def test_load_refuses_a_mismatch_and_keeps_the_file(tmp_path, iid10):

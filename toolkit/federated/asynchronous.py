@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import math
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,8 @@ from toolkit.federated.base import FederatedProtocol
 from toolkit.federated.clients import RoundPlan
 from toolkit.federated.server import make_server_optimizer
 from toolkit.progress import progress
+from toolkit.provenance import from_plain, to_plain
+from toolkit.validate import non_negative, non_negative_int
 
 
 class StragglerDelays:
@@ -183,13 +186,44 @@ class _Asynchronous(FederatedProtocol, ABC):
                        "dropped": 0, "arrived": 0}
         return row
 
+    # The classes a checkpoint may rebuild, by name (never a class the file names itself).
+    _CHECKPOINT_CLASSES: dict[str, type] = {"_Task": _Task, "_Batch": _Batch, "RoundPlan": RoundPlan}
+
     def _extra_state(self) -> dict[str, Any]:
-        return {"clock": self.clock, "queue": self._queue, "seq": self._seq, "snapshots": self._snapshots,
-                "since": self._since}
+        # one encoding, so the tasks of one batch (and any other shared object) stay shared
+        events = {"clock": self.clock, "queue": self._queue, "seq": self._seq, "snapshots": self._snapshots,
+                  "since": self._since}
+        return {"events": to_plain(events, self._CHECKPOINT_CLASSES)}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self.clock, self._queue, self._seq = state["clock"], state["queue"], state["seq"]
-        self._snapshots, self._since = state["snapshots"], state["since"]
+        events = from_plain(state["events"], self._CHECKPOINT_CLASSES, what="the event queue")
+        self._check_events(events["queue"], events["snapshots"])
+        if type(events["since"]) is not dict or set(events["since"]) != set(self._since):
+            raise ValueError(f"the checkpoint's running totals must have the keys {sorted(self._since)}")
+        self.clock = non_negative("the checkpoint's clock", events["clock"])
+        self._seq = non_negative_int("the checkpoint's task counter", events["seq"])
+        self._queue, self._snapshots, self._since = events["queue"], events["snapshots"], events["since"]
+
+    def _check_events(self, queue: Any, snapshots: Any) -> None:
+        """Refuse a decoded queue that is not client tasks in time order, each the row of its batch
+        that its client trains, or whose versions do not match the snapshots' counts of tasks out."""
+        if type(queue) is not list or not all(isinstance(t, _Task) and isinstance(t.batch, _Batch)
+                                              and isinstance(t.batch.plan, RoundPlan) for t in queue):
+            raise ValueError("the checkpoint's event queue holds something other than client tasks")
+        if type(snapshots) is not dict or not all(type(v) is list and len(v) == 2 for v in snapshots.values()):
+            raise ValueError("the checkpoint's snapshots must map model versions to [weights, tasks out]")
+        self._check_like_weights("snapshot of version", {k: v[0] for k, v in snapshots.items()})
+        out, counts = dict(Counter(t.batch.version for t in queue)), {k: v[1] for k, v in snapshots.items()}
+        if out != counts:
+            raise ValueError(f"the checkpoint's event queue has tasks out per version {out}, its snapshots "
+                             f"count {counts}")
+        for t in queue:
+            if type(t.client) is not int or not 0 <= t.client < len(self.data) or type(t.row) is not int \
+                    or not 0 <= t.row < len(t.batch.plan.clients) or int(t.batch.plan.clients[t.row]) != t.client:
+                raise ValueError(f"the checkpoint's task {t.seq} (client {t.client!r}, row {t.row!r}) is not a "
+                                 f"row of its batch among these {len(self.data)} clients")
+        if any(queue[i] < queue[(i - 1) // 2] for i in range(1, len(queue))):
+            raise ValueError("the checkpoint's event queue is not in time order")
 
 
 class FedAsync(_Asynchronous):
@@ -248,10 +282,19 @@ class FedBuff(_Asynchronous):
             self.round += 1
 
     def _extra_state(self) -> dict[str, Any]:
-        return {**super()._extra_state(), "buffer": self._buffer, "buffer_clients": self._buffer_clients,
+        return {**super()._extra_state(), "buffer": list(self._buffer), "buffer_clients": list(self._buffer_clients),
                 "server_optimizer": self.server_optimizer.state_dict()}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         super()._load_extra_state(state)
-        self._buffer, self._buffer_clients = state["buffer"], state["buffer_clients"]
+        buffer, clients = state["buffer"], state["buffer_clients"]
+        if type(buffer) is not list or type(clients) is not list or len(buffer) != len(clients) \
+                or len(buffer) >= self.buffer_size:
+            raise ValueError(f"the checkpoint's update buffer must be two lists of one length below "
+                             f"buffer_size={self.buffer_size}")
+        if any(type(c) is not int or not 0 <= c < len(self.data) for c in clients):
+            raise ValueError(f"the checkpoint's buffered clients {clients} are not all among {len(self.data)} clients")
+        self._check_like_weights("buffered update", dict(enumerate(buffer)))
+        self._buffer, self._buffer_clients = buffer, clients
         self.server_optimizer.load_state_dict(state["server_optimizer"])
+        self._check_like_weights("server optimizer state", state["server_optimizer"])

@@ -20,10 +20,11 @@ from toolkit.federated.compression import Compressor
 from toolkit.federated.config import FedConfig
 from toolkit.federated.executors import EXECUTORS
 from toolkit.parties import flat_state, load_flat_state
-from toolkit.provenance import load_checkpoint, manifest, save_checkpoint
+from toolkit.provenance import from_plain, load_checkpoint, manifest, packet_classes, save_checkpoint, to_plain
+from toolkit.validate import non_negative_int
 from toolkit.wire import Wire
 
-CHECKPOINT_FORMAT = "leaklab-federated-1"
+CHECKPOINT_FORMAT = "leaklab-federated-2"  # tensors and plain data only (-1 was a pickle)
 
 
 class FederatedProtocol:
@@ -181,46 +182,92 @@ class FederatedProtocol:
                         clients=len(self.data), parameters=len(self.weights))
 
     def _extra_state(self) -> dict[str, Any]:
+        """What a subclass adds to the checkpoint: tensors and plain data only (encode objects with
+        :func:`toolkit.provenance.to_plain`)."""
         return {}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
+        """Restore what :meth:`_extra_state` saved; raise a ValueError for anything malformed
+        (:meth:`load` then puts the protocol back as it was)."""
 
-    def save(self, path: str | Path) -> Path:
-        """Checkpoint everything a resumed run needs to continue exactly (atomic write)."""
-        state = {
+    def _check_like_weights(self, what: str, tensors: Mapping[str, Any]) -> None:
+        """Refuse checkpointed tensors that are not one value per weight (they would broadcast)."""
+        for name, t in tensors.items():
+            if type(t) is not Tensor or t.shape != self.weights.shape or not t.is_floating_point():
+                got = f"shape {tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else f"a {type(t).__name__}"
+                raise ValueError(f"the checkpoint's {what} {name} has {got}, expected one value per weight, "
+                                 f"shape {tuple(self.weights.shape)}")
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return {
             "format": CHECKPOINT_FORMAT, "protocol": type(self).__name__, "round": self.round,
             "config": asdict(self.config), "weights": self.weights.clone(),
             "generator": self.generator.get_state(), "history": self.history.to_dict("list"),
-            "wire": self.wire.state_dict(), "clients": len(self.data), "manifest": self.manifest(),
+            "wire": to_plain(self.wire.state_dict(), packet_classes()), "clients": len(self.data),
+            "manifest": self.manifest(),
             "compressor": self.compressor.state_dict() if self.compressor is not None else None,
             **self._extra_state(),
         }
-        return save_checkpoint(state, path)
+
+    def save(self, path: str | Path) -> Path:
+        """Checkpoint everything a resumed run needs to continue exactly (atomic write), as tensors
+        and plain data only: :meth:`load` reads it without unpickling any object."""
+        return save_checkpoint(self._checkpoint_state(), path)
 
     def load(self, path: str | Path) -> None:
-        """Restore a checkpoint into this (identically built) protocol; refuses a mismatch."""
-        state = load_checkpoint(path)
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("protocol") != type(self).__name__:
+        """Restore a checkpoint into this (identically built) protocol.
+
+        Reads it with ``torch.load(weights_only=True)`` (nothing in the file runs) and refuses,
+        with a ValueError naming the problem, a file that is not a LeakLab checkpoint, an old
+        pickled one, another protocol's, or one made with another model, client count or config;
+        a refused checkpoint leaves this protocol exactly as it was.
+        """
+        state = load_checkpoint(path, CHECKPOINT_FORMAT)
+        if state.get("protocol") != type(self).__name__:
             raise ValueError(f"{path} holds a {state.get('protocol')} checkpoint, not {type(self).__name__}")
-        if len(state["weights"]) != len(self.weights):
-            raise ValueError(f"mismatched parameter shapes: the checkpoint holds {len(state['weights'])} weights, "
+        weights = state.get("weights")
+        if type(weights) is not Tensor or weights.dim() != 1 or len(weights) != len(self.weights):
+            got = len(weights) if isinstance(weights, Tensor) and weights.dim() == 1 else "no vector of"
+            raise ValueError(f"mismatched parameter shapes: the checkpoint holds {got} weights, "
                              f"this model has {len(self.weights)}")
-        if state["clients"] != len(self.data):
-            raise ValueError(f"the checkpoint was made with {state['clients']} clients, this run has {len(self.data)}")
-        mine = asdict(self.config)
-        theirs = {**state["config"], "server_betas": tuple(state["config"]["server_betas"])}
-        diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+        if weights.dtype != self.weights.dtype:
+            raise ValueError(f"the checkpoint's weights are {weights.dtype}, this model's are {self.weights.dtype}")
+        if state.get("clients") != len(self.data):
+            raise ValueError(f"the checkpoint was made with {state.get('clients')} clients, this run has {len(self.data)}")
+        mine, theirs = asdict(self.config), state.get("config")
+        theirs = {k: tuple(v) if type(v) is list else v for k, v in theirs.items()} if type(theirs) is dict else {}
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k, None) != theirs.get(k, None))
         if diff:
             raise ValueError(f"the checkpoint's config differs in {diff}: build the protocol with the same config")
-        self.round = state["round"]
+        previous, history, model = self._checkpoint_state(), self.history, flat_state(self.model).clone()
+        try:
+            self._restore(state)
+        except Exception as err:
+            self._restore(previous)  # as it was: the checkpoint is refused as a whole
+            self.history = history
+            load_flat_state(self.model, model)
+            if isinstance(err, ValueError):
+                raise ValueError(f"{path} was refused: {err}") from None
+            if isinstance(err, KeyError):
+                raise ValueError(f"{path} is not a usable LeakLab checkpoint: it lacks the field {err}") from None
+            raise ValueError(f"{path} is not a usable LeakLab checkpoint ({type(err).__name__}: {err}); "
+                             f"nothing was loaded") from None
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if type(state["history"]) is not dict:
+            raise ValueError(f"the checkpoint's history must be a dict of columns, got {type(state['history']).__name__}")
+        self.round = non_negative_int("the checkpoint's round", state["round"])
         self.weights = state["weights"].clone()
         load_flat_state(self.model, self.weights)
         self.generator.set_state(state["generator"])
         self.history = pd.DataFrame(state["history"])
-        self.wire.load_state_dict(state["wire"])
-        if self.compressor is not None and state["compressor"] is not None:
+        self.wire.load_state_dict(from_plain(state["wire"], packet_classes(), what="the wire transcript"))
+        if self.compressor is not None:
+            if state["compressor"] is None:
+                raise ValueError(f"the checkpoint has no compressor state, this run compresses with {self.compressor!r}")
             self.compressor.load_state_dict(state["compressor"])
+        elif state["compressor"] is not None:
+            raise ValueError("the checkpoint holds a compressor's state, this run has no compressor")
         self._load_extra_state(state)
 
     def __repr__(self) -> str:

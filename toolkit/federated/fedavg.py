@@ -11,6 +11,7 @@ from torch import Tensor
 from toolkit.federated.base import FederatedProtocol
 from toolkit.federated.server import make_server_optimizer
 from toolkit.progress import progress
+from toolkit.validate import non_negative
 
 
 class FederatedAveraging(FederatedProtocol):
@@ -86,4 +87,5 @@ class FederatedAveraging(FederatedProtocol):
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.server_optimizer.load_state_dict(state["server_optimizer"])
-        self.clock = state["clock"]
+        self._check_like_weights("server optimizer state", state["server_optimizer"])
+        self.clock = non_negative("the checkpoint's clock", state["clock"])

@@ -27,7 +27,7 @@ class ServerOptimizer:
         return {}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        pass
+        _check_state(self, state, ())
 
 
 class FedAvgM(ServerOptimizer):
@@ -48,7 +48,7 @@ class FedAvgM(ServerOptimizer):
         return {} if self.velocity is None else {"velocity": self.velocity.clone()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.velocity = state.get("velocity")
+        self.velocity = _check_state(self, state, ("velocity",)).get("velocity")
 
 
 class FedAdam(ServerOptimizer):
@@ -75,7 +75,22 @@ class FedAdam(ServerOptimizer):
         return {} if self.m is None else {"m": self.m.clone(), "v": self.v.clone()}  # type: ignore[union-attr]
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        state = _check_state(self, state, ("m", "v"))
         self.m, self.v = state.get("m"), state.get("v")
+
+
+def _check_state(optimizer: ServerOptimizer, state: dict, keys: tuple[str, ...]) -> dict[str, Tensor]:
+    """``state`` if it is what ``optimizer.state_dict()`` gives: ``{}`` before the first step, else
+    exactly ``keys``, floating tensors of one shape (copied); a ValueError otherwise."""
+    ok = type(state) is dict and (not state or set(state) == set(keys))
+    ok = ok and all(isinstance(t, Tensor) and t.is_floating_point() for t in state.values())
+    ok = ok and len({tuple(t.shape) for t in state.values()}) <= 1
+    if not ok:
+        got = {k: tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__ for k, v in state.items()} \
+            if type(state) is dict else type(state).__name__
+        raise ValueError(f"the {optimizer.name} server optimizer's state must be {{}} or floating tensors of one "
+                         f"shape under the keys {list(keys)}, got {got}")
+    return {k: t.detach().clone() for k, t in state.items()}
 
 
 SERVER_OPTIMIZERS: dict[str, type[ServerOptimizer]] = {
