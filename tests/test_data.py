@@ -1,12 +1,6 @@
-"""Tests for toolkit.data: built-in datasets, folder parsers (MNIST IDX, CIFAR-10 pickles),
-partitioners and vertical splits."""
+"""Tests for toolkit.data: built-in datasets, the checks a Dataset makes when built, partitioners and
+vertical splits. The file readers and the downloader are tested in test_download.py."""
 from __future__ import annotations
-
-import gzip
-import os
-import pickle
-import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,10 +9,8 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from toolkit.data import (DATASETS, IDX_IMAGES, IDX_LABELS, LOAN_FEATURES, PARTITIONERS, Dataset, dirichlet, iid,
-                          load, partition, read_cifar10, read_idx, read_mnist, shards, vertical_split)
-
-MNIST_NAMES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+from toolkit.data import (DATASETS, LOAN_FEATURES, PARTITIONERS, Dataset, dirichlet, iid, load, partition, shards,
+                          vertical_split)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +104,7 @@ def test_load_bad_inputs():
         load("digits", seed=-1)
     with pytest.raises(ValueError, match="0"):
         load("digits", image_size=0)
-    assert set(DATASETS) == {"digits", "breast_cancer", "loan", "mnist", "cifar10"}
+    assert set(DATASETS) == {"digits", "breast_cancer", "loan", "mnist", "fashion_mnist", "cifar10"}
 
 
 def test_subset_keeps_test_split(digits):
@@ -122,178 +114,73 @@ def test_subset_keeps_test_split(digits):
     assert len(digits.subset([1, 2]).y_train) == 2 and len(digits.subset(np.arange(4)).y_train) == 4
 
 
-# ------------------------------------------------------------------------------------------ MNIST (IDX files)
+# ------------------------------------------------------------------------------------------ checks when built
 
-def write_idx(path: Path, array: np.ndarray, magic: int) -> Path:
-    blob = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
-    if path.suffix == ".gz":
-        blob = gzip.compress(blob)
-    path.write_bytes(blob)
-    return path
-
-
-def write_mnist(folder: Path, n: int, prefixes=("train", "t10k"), gz: bool = False, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for prefix in prefixes:
-        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        labels = np.arange(n) % 10
-        ext = ".gz" if gz else ""
-        write_idx(folder / f"{prefix}-images-idx3-ubyte{ext}", images, IDX_IMAGES)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte{ext}", labels, IDX_LABELS)
-        out[prefix] = (images, labels)
-    return out
+def toy(**changes) -> Dataset:
+    """A 6-sample, 2-class image dataset with the given fields replaced (before it is checked)."""
+    fields = dict(name="toy", x_train=torch.rand(6, 1, 3, 3), y_train=torch.tensor([0, 1, 0, 1, 0, 1]),
+                  x_test=torch.rand(2, 1, 3, 3), y_test=torch.tensor([0, 1]), classes=["a", "b"])
+    return Dataset(**{**fields, **changes})
 
 
-@pytest.mark.parametrize("suffix", ["", ".gz"])
-def test_read_idx_round_trip(tmp_path, suffix):
-    images = np.random.default_rng(0).integers(0, 256, size=(3, 5, 4), dtype=np.uint8)
-    path = write_idx(tmp_path / f"images{suffix}", images, IDX_IMAGES)
-    back = read_idx(path, magic=IDX_IMAGES)
-    assert back.dtype == np.uint8 and back.shape == (3, 5, 4) and np.array_equal(back, images)
-    labels = write_idx(tmp_path / f"labels{suffix}", np.array([7, 2, 1]), IDX_LABELS)
-    assert read_idx(labels).tolist() == [7, 2, 1]
+def with_value(x: torch.Tensor, where: tuple, value: float) -> torch.Tensor:
+    x = x.clone()
+    x[where] = value
+    return x
 
 
-def test_read_idx_rejects_corrupt_files(tmp_path):
-    good = write_idx(tmp_path / "images", np.zeros((4, 3, 3), np.uint8), IDX_IMAGES)
-    truncated = tmp_path / "truncated"
-    truncated.write_bytes(good.read_bytes()[:-5])
-    with pytest.raises(ValueError, match="truncated.*truncated"):
-        read_idx(truncated)
-    trailing = tmp_path / "trailing"
-    trailing.write_bytes(good.read_bytes() + b"\0")
-    with pytest.raises(ValueError, match="trailing"):
-        read_idx(trailing)
-    garbage = tmp_path / "garbage"
-    garbage.write_bytes(b"PK\x03\x04 not an idx file")
-    with pytest.raises(ValueError, match="garbage.*magic"):
-        read_idx(garbage)
-    bad_gz = tmp_path / "bad.gz"
-    bad_gz.write_bytes(gzip.compress(good.read_bytes())[:20])
-    with pytest.raises(ValueError, match="bad.gz"):
-        read_idx(bad_gz)
-    with pytest.raises(ValueError, match="2049.*2051"):
-        read_idx(good, magic=IDX_LABELS)
+@pytest.mark.parametrize("field, value, match", [
+    ("x_train", with_value(torch.rand(6, 1, 3, 3), (3, 0, 1, 2), float("nan")),
+     r"toy\.x_train holds NaN at index \(3, 0, 1, 2\)"),
+    ("x_test", with_value(torch.rand(2, 1, 3, 3), (1, 0, 0, 0), float("inf")), r"toy\.x_test holds Inf at index \(1, 0, 0, 0\)"),
+    ("x_train", with_value(torch.rand(6, 4), (5, 3), -float("inf")), r"toy\.x_train holds Inf at index \(5, 3\)"),
+])
+def test_nan_and_inf_inputs_are_named_with_the_first_bad_index(field, value, match):
+    changes = {field: value} if value.dim() == 4 else {"x_train": value, "x_test": torch.rand(2, 4)}
+    with pytest.raises(ValueError, match=match):
+        toy(**changes)
 
 
-@pytest.mark.parametrize("gz", [False, True])
-def test_mnist_folder_with_train_and_test(tmp_path, gz):
-    written = write_mnist(tmp_path, 20, gz=gz)
-    ds = load("mnist", root=tmp_path)
-    assert ds.x_train.shape == (20, 1, 28, 28) and ds.x_test.shape == (20, 1, 28, 28)
-    assert torch.equal(ds.x_train[:, 0], torch.from_numpy(written["train"][0]).float() / 255)
-    assert torch.equal(ds.y_test, torch.from_numpy(written["t10k"][1]).long())
-    assert ds.x_train.dtype == torch.float32 and 0 <= ds.x_train.min() and ds.x_train.max() <= 1
-    assert load("mnist", root=tmp_path, image_size=14).x_test.shape == (20, 1, 14, 14)
+@pytest.mark.parametrize("labels, match", [
+    (torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0]), r"toy\.y_train must be integer class indices.*float32"),
+    (torch.tensor([0, 1, -1, 1, 0, 1]), r"toy\.y_train holds a negative label -1 at index 2"),
+    (torch.tensor([0, 1, 0, 2, 0, 1]), r"toy\.y_train holds label 2 at index 3, but there are only 2 classes"),
+    (torch.tensor([0, 1, 0]), r"toy\.y_train holds 3 labels for 6 samples"),
+])
+def test_bad_labels_are_named(labels, match):
+    with pytest.raises(ValueError, match=match):
+        toy(y_train=labels)
 
 
-def test_mnist_t10k_only_is_split_80_20(tmp_path):
-    write_mnist(tmp_path, 50, prefixes=("t10k",), gz=True)
-    ds = load("mnist", root=tmp_path, seed=1)
-    assert len(ds.y_train) == 40 and len(ds.y_test) == 10
-    assert torch.bincount(ds.y_test).tolist() == [1] * 10  # stratified
-    assert "t10k" in ds.description and "80/20" in ds.description
-    assert torch.equal(ds.x_train, load("mnist", root=tmp_path, seed=1).x_train)
-    assert not torch.equal(ds.y_train, load("mnist", root=tmp_path, seed=2).y_train)
+def test_numpy_arrays_are_refused_with_a_type_error():
+    with pytest.raises(TypeError, match=r"toy\.x_train must be a torch\.Tensor, got numpy\.ndarray.*torch\.as_tensor"):
+        toy(x_train=np.random.rand(6, 1, 3, 3).astype(np.float32))
+    with pytest.raises(TypeError, match=r"toy\.y_test must be a torch\.Tensor, got numpy\.ndarray"):
+        toy(y_test=np.array([0, 1]))
 
 
-def test_mnist_missing_files_are_named(tmp_path):
-    with pytest.raises(ValueError) as err:
-        load("mnist", root=tmp_path)
-    assert all(name in str(err.value) for name in MNIST_NAMES) and ".gz" in str(err.value)
-    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte"):
-        load("mnist")
-    write_mnist(tmp_path, 10, prefixes=("t10k",))
-    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"")  # half a train pair
-    with pytest.raises(ValueError, match="missing: train-labels-idx1-ubyte$"):
-        read_mnist(tmp_path)
+def test_integer_inputs_and_mismatched_sample_shapes_are_refused():
+    with pytest.raises(ValueError, match=r"toy\.x_train must hold floats, got torch\.uint8"):
+        toy(x_train=torch.zeros(6, 1, 3, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"x_test samples have shape \(1, 4, 4\) but x_train samples \(1, 3, 3\)"):
+        toy(x_test=torch.rand(2, 1, 4, 4))
+    with pytest.raises(ValueError, match="classes"):
+        toy(classes=[])
 
 
-def test_mnist_corrupt_file_is_named(tmp_path):
-    write_mnist(tmp_path, 10, prefixes=("t10k",))
-    path = tmp_path / "t10k-images-idx3-ubyte"
-    path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.*truncated"):
-        load("mnist", root=tmp_path)
+def test_an_empty_training_split_is_refused(digits):
+    with pytest.raises(ValueError, match=r"toy: the training split is empty \(x_train has shape \(0, 1, 3, 3\)\)"):
+        toy(x_train=torch.rand(0, 1, 3, 3), y_train=torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="digits: the training split is empty"):
+        digits.subset([])
+    with pytest.raises(ValueError, match=r"partition: part\(s\) \[.*\] of 40 received no training samples"):
+        partition(digits, 40, "dirichlet", alpha=0.001, min_size=0)
 
 
-def test_real_mnist_test_set(shared_data):
-    labels = read_idx(shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz", magic=IDX_LABELS)
-    assert labels.shape == (10_000,) and labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
-    ds = load("mnist", root=shared_data / "mnist")
-    assert ds.x_train.shape == (8000, 1, 28, 28) and ds.x_test.shape == (2000, 1, 28, 28)
-    assert ds.x_train.min() == 0.0 and ds.x_train.max() == 1.0 and ds.n_classes == 10
-    assert torch.bincount(torch.cat([ds.y_train, ds.y_test])).tolist() == np.bincount(labels).tolist()
-
-
-# ------------------------------------------------------------------------------------------ CIFAR-10 (pickles)
-
-def write_cifar(folder: Path, n: int = 10, protocol: int = 2, meta: list[bytes] | None = None) -> list[np.ndarray]:
-    folder.mkdir(parents=True, exist_ok=True)
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    batches = []
-    for b, name in enumerate(names):
-        data = np.zeros((n, 3072), dtype=np.uint8)
-        data[:, 0] = b  # marks the batch
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"data": data, b"labels": [(i + b) % 10 for i in range(n)]},
-                        f, protocol=protocol)
-        batches.append(data)
-    if meta is not None:
-        with open(folder / "batches.meta", "wb") as f:
-            pickle.dump({b"label_names": meta, b"num_vis": 3072}, f, protocol=protocol)
-    return batches
-
-
-@pytest.mark.parametrize("protocol", [2, 5])
-def test_cifar10_round_trip_and_pixel_layout(tmp_path, protocol):
-    write_cifar(tmp_path, protocol=protocol)
-    # image 3 of data_batch_2: green (c=1) pixel at row 5, column 7 = 200; layout R plane, G plane, B plane
-    with open(tmp_path / "data_batch_2", "rb") as f:
-        batch = pickle.load(f)
-    batch[b"data"][3, 1 * 1024 + 5 * 32 + 7] = 200
-    with open(tmp_path / "data_batch_2", "wb") as f:
-        pickle.dump(batch, f, protocol=protocol)
-    ds = load("cifar10", root=tmp_path)
-    assert ds.x_train.shape == (50, 3, 32, 32) and ds.x_test.shape == (10, 3, 32, 32)
-    assert ds.x_train.dtype == torch.float32 and ds.x_train.max() <= 1.0
-    image = ds.x_train[10 + 3]  # batches are concatenated in order
-    assert image[1, 5, 7] == pytest.approx(200 / 255)
-    assert image[0, 0, 0] == pytest.approx(1 / 255)  # the batch marker sits at (c=0, h=0, w=0)
-    assert image.sum() == pytest.approx(201 / 255)
-    assert ds.y_train[:3].tolist() == [0, 1, 2] and ds.y_train[10:13].tolist() == [1, 2, 3]
-    assert ds.x_test[:, 0, 0, 0].mul(255).round().unique().tolist() == [5.0]
-    assert ds.classes[0] == "airplane" and ds.n_classes == 10
-
-
-def test_cifar10_meta_names_and_subfolder(tmp_path):
-    names = [f"class{i}".encode() for i in range(10)]
-    write_cifar(tmp_path / "cifar-10-batches-py", n=4, protocol=5, meta=names)
-    out = read_cifar10(tmp_path)
-    assert out["classes"] == [f"class{i}" for i in range(10)]
-    assert out["train"][0].shape == (20, 3, 32, 32) and out["train"][0].dtype == np.uint8
-
-
-def test_cifar10_missing_and_bad_files(tmp_path):
-    write_cifar(tmp_path, n=2)
-    os.remove(tmp_path / "test_batch")
-    with pytest.raises(ValueError, match=r"data_batch_1.*data_batch_5.*test_batch.*missing: test_batch$"):
-        load("cifar10", root=tmp_path)
-    (tmp_path / "test_batch").write_bytes(b"\x80\x04 garbage")
-    with pytest.raises(ValueError, match="test_batch"):
-        load("cifar10", root=tmp_path)
-    with open(tmp_path / "test_batch", "wb") as f:  # a pickle that would call os.getcwd: refused
-        pickle.dump({b"data": os.getcwd, b"labels": []}, f)
-    with pytest.raises(ValueError, match="refusing.*getcwd"):
-        load("cifar10", root=tmp_path)
-    with open(tmp_path / "test_batch", "wb") as f:
-        pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
-    with pytest.raises(ValueError, match=r"test_batch.*3072"):
-        load("cifar10", root=tmp_path)
-    with pytest.raises(ValueError, match="data_batch_1"):
-        load("cifar10")
+def test_subset_refuses_fractional_indices(digits):
+    with pytest.raises(ValueError, match="integer row numbers or a boolean mask, got torch.float64"):
+        digits.subset(np.array([0.7, 1.2]))
+    assert len(digits.subset(torch.arange(1437) < 10).y_train) == 10  # a boolean mask still works
 
 
 # ------------------------------------------------------------------------------------------ partitioners
@@ -365,15 +252,24 @@ def test_partition_returns_datasets(digits):
     (lambda y: dirichlet(y, 5, alpha=-2.5), "-2.5"),
     (lambda y: shards(y, 5, shards_per_party=0), "shards_per_party.*0"),
     (lambda y: shards(y, 60, shards_per_party=2), "120"),
+    (lambda y: iid(y, 2.5), "n_parties must be a positive int, got 2.5"),
+    (lambda y: iid(y, 3, seed=-1), "seed must be a non-negative int, got -1"),
+    (lambda y: dirichlet(y, 5, alpha=float("nan")), "alpha must be a positive number, got nan"),
+    (lambda y: dirichlet(y, 5, alpha=1.0, max_attempts=0), "max_attempts must be a positive int, got 0"),
+    (lambda y: dirichlet(y, 5, alpha=1.0, min_size=-1), "min_size must be a non-negative int, got -1"),
 ])
 def test_partitioner_bad_inputs(call, bad):
     with pytest.raises(ValueError, match=bad):
         call(torch.arange(100) % 10)
 
 
-def test_partition_unknown_scheme(digits):
+def test_partition_unknown_scheme_and_numpy_scalars(digits):
     with pytest.raises(ValueError, match="'pathological'"):
         partition(digits, 3, "pathological")
+    with pytest.raises(TypeError, match="needs a toolkit.data.Dataset, got Tensor"):
+        partition(digits.x_train, 3)
+    parts = partition(digits, np.int64(3), "dirichlet", alpha=np.float32(0.5), min_size=np.int64(1))
+    assert len(parts) == 3  # NumPy scalars are accepted as the numbers they hold
 
 
 # ------------------------------------------------------------------------------------------ vertical splits

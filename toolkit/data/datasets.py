@@ -1,8 +1,10 @@
 """Datasets as tensors: the ``Dataset`` container, the ``DATASETS`` registry and ``load``.
 
 Built in: ``digits`` and ``breast_cancer`` (bundled with scikit-learn), ``loan`` (synthetic, generated
-from the seed). From a folder the user names: ``mnist`` (IDX files) and ``cifar10`` (python pickles).
-Nothing is downloaded. Every split is deterministic given ``seed``.
+from the seed). From files: ``mnist``, ``fashion_mnist`` (IDX files) and ``cifar10`` (binary or python
+version), read from ``root`` or, without one, from ``default_root() / name`` (``$LEAKLAB_DATA`` if set,
+else ``~/.cache/leaklab``); ``download=True`` fetches the official files there first, SHA-256 checked.
+Every split is deterministic given ``seed``. ``Dataset`` checks its tensors once, when it is built.
 """
 from __future__ import annotations
 
@@ -18,15 +20,23 @@ from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 
-from .folders import read_cifar10, read_mnist
+from toolkit import validate
+
+from .download import DOWNLOADS, default_root, fetch
+from .folders import DatasetNotFoundError, read_cifar10, read_mnist
 
 
 @dataclass(repr=False)
 class Dataset:
-    """A train/test pair of tensors with class names.
+    """A train/test pair of tensors with class names, for classification.
 
     Images are ``(N, C, H, W)`` float32 in [0, 1]; tabular data is ``(N, F)`` float32 standardized with
     the training split's mean and std. Labels are ``(N,)`` int64 class indices.
+
+    Checked once, when built: inputs are float tensors (a NumPy array is refused with a TypeError;
+    convert it with ``torch.as_tensor``) free of NaN/Inf, with the same per-sample shape in both
+    splits; labels are integer tensors in ``[0, len(classes))``, one per input; the training split
+    is not empty. Each error names the dataset, the tensor and, for values, the first bad index.
 
     Example:
         >>> ds = load("digits")
@@ -44,9 +54,23 @@ class Dataset:
     description: str = ""
 
     def __post_init__(self) -> None:
-        for x, y, split in ((self.x_train, self.y_train, "train"), (self.x_test, self.y_test, "test")):
-            if y.dim() != 1 or len(x) != len(y):
-                raise ValueError(f"{self.name}: {split} has {len(x)} inputs but labels of shape {tuple(y.shape)}")
+        if isinstance(self.classes, str) or not isinstance(self.classes, Sequence) or not self.classes:
+            raise ValueError(f"{self.name}: classes must be a non-empty list of class names, got {self.classes!r}")
+        for split in ("train", "test"):
+            x = validate.tensor(getattr(self, f"x_{split}"), f"{self.name}.x_{split}", min_dim=2)
+            if not x.is_floating_point():
+                raise ValueError(f"{self.name}.x_{split} must hold floats, got {x.dtype}: convert with .float() "
+                                 "(and scale images to [0, 1])")
+            if not bool(torch.isfinite(x.sum())):  # one cheap pass; a NaN or Inf anywhere makes the sum non-finite
+                validate.finite(x, f"{self.name}.x_{split}")  # names the first bad index (passes on mere overflow)
+            validate.labels(getattr(self, f"y_{split}"), f"{self.name}.y_{split}", n_classes=len(self.classes),
+                            length=len(x))
+        if len(self.x_train) == 0:
+            raise ValueError(f"{self.name}: the training split is empty (x_train has shape {tuple(self.x_train.shape)}); "
+                             "a dataset, subset or partition needs at least one training sample")
+        if self.x_test.shape[1:] != self.x_train.shape[1:]:
+            raise ValueError(f"{self.name}: x_test samples have shape {tuple(self.x_test.shape[1:])} but x_train "
+                             f"samples {tuple(self.x_train.shape[1:])}")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -69,6 +93,9 @@ class Dataset:
             torch.Size([100, 1, 8, 8])
         """
         idx = torch.as_tensor(np.asarray(train_idx) if not isinstance(train_idx, Tensor) else train_idx)
+        if idx.numel() and idx.dtype != torch.bool and (idx.is_floating_point() or idx.is_complex()):
+            raise ValueError(f"{self.name}: subset needs integer row numbers or a boolean mask, got {idx.dtype} "
+                             "(fractional indices would be truncated)")
         idx = idx if idx.dtype == torch.bool else idx.long()
         return replace(self, x_train=self.x_train[idx], y_train=self.y_train[idx])
 
@@ -78,6 +105,11 @@ class Dataset:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+def _scalar(value):
+    """A NumPy scalar as the Python number it holds (``toolkit.validate`` checks Python numbers)."""
+    return value.item() if isinstance(value, np.generic) else value
+
 
 def _split(y: np.ndarray, seed: int, test_size: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
     """Stratified train/test row indices for labels ``y``."""
@@ -91,8 +123,7 @@ def _images(x: np.ndarray, scale: float, image_size: int | None) -> Tensor:
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32) / scale)
     if image_size is None:
         return t
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
+    validate.positive_int("image_size", _scalar(image_size))
     t = F.interpolate(t, size=(image_size, image_size), mode="bilinear", align_corners=False)
     return t.clamp_(0.0, 1.0)
 
@@ -144,10 +175,8 @@ LOAN_FEATURES = ["age", "income", "loan_amount", "credit_score", "employment_yea
 
 
 def _loan(*, root: Path | None, seed: int, n_samples: int = 10_000, positive_rate: float = 0.2) -> Dataset:
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
-    if not 0.0 < positive_rate < 1.0:
-        raise ValueError(f"positive_rate must lie strictly between 0 and 1, got {positive_rate!r}")
+    n_samples = validate.positive_int("n_samples", _scalar(n_samples))
+    positive_rate = validate.fraction("positive_rate", _scalar(positive_rate), zero=False)
     if min(positive_rate, 1 - positive_rate) * n_samples < 10:
         raise ValueError(f"n_samples={n_samples} with positive_rate={positive_rate} leaves fewer than "
                          "10 samples in one class; use more samples")
@@ -184,17 +213,31 @@ def _loan(*, root: Path | None, seed: int, n_samples: int = 10_000, positive_rat
         "model of the features plus noise; stratified 80/20 split, standardized with train statistics")
 
 
-def _mnist(*, root: Path | None, seed: int, image_size: int | None = None) -> Dataset:
-    files = read_mnist(root)
+MNIST_CLASSES = [str(d) for d in range(10)]
+# Fashion-MNIST's labels 0-9, as listed in the README of github.com/zalandoresearch/fashion-mnist.
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]
+
+
+def _idx_dataset(name: str, title: str, classes: list[str], root: Path | None, seed: int,
+                 image_size: int | None) -> Dataset:
+    files = read_mnist(root, dataset=name)
     x_test, y_test = files["test"]
-    classes = [str(d) for d in range(10)]
     if files["train"] is None:
-        return _image_dataset("mnist", x_test[:, None], y_test, 255.0, image_size, seed, classes,
-                              f"MNIST from {root}: only the t10k files were found, so this is a stratified "
+        return _image_dataset(name, x_test[:, None], y_test, 255.0, image_size, seed, classes,
+                              f"{title} from {root}: only the t10k files were found, so this is a stratified "
                               f"80/20 split (seed {seed}) of the 10,000-image test set")
     x_train, y_train = files["train"]
-    return _image_dataset("mnist", x_train[:, None], y_train, 255.0, image_size, seed, classes,
-                          f"MNIST from {root}: official train/test split", test=(x_test[:, None], y_test))
+    return _image_dataset(name, x_train[:, None], y_train, 255.0, image_size, seed, classes,
+                          f"{title} from {root}: official train/test split", test=(x_test[:, None], y_test))
+
+
+def _mnist(*, root: Path | None, seed: int, image_size: int | None = None) -> Dataset:
+    return _idx_dataset("mnist", "MNIST", MNIST_CLASSES, root, seed, image_size)
+
+
+def _fashion_mnist(*, root: Path | None, seed: int, image_size: int | None = None) -> Dataset:
+    return _idx_dataset("fashion_mnist", "Fashion-MNIST", FASHION_MNIST_CLASSES, root, seed, image_size)
 
 
 def _cifar10(*, root: Path | None, seed: int, image_size: int | None = None) -> Dataset:
@@ -208,19 +251,27 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "breast_cancer": _breast_cancer,
     "loan": _loan,
     "mnist": _mnist,
+    "fashion_mnist": _fashion_mnist,
     "cifar10": _cifar10,
 }
 
 
-def load(name: str, *, root: str | Path | None = None, seed: int = 0, **options) -> Dataset:
+def load(name: str, *, root: str | Path | None = None, seed: int = 0, download: bool = False,
+         show_progress: bool = False, **options) -> Dataset:
     """Load a dataset by name.
 
     Args:
-        name: one of ``DATASETS``: digits, breast_cancer, loan, mnist, cifar10.
-        root: folder holding the files (mnist, cifar10); ignored by the built-in datasets.
+        name: one of ``DATASETS``: digits, breast_cancer, loan, mnist, fashion_mnist, cifar10.
+        root: folder holding the files of mnist, fashion_mnist or cifar10; default
+            ``default_root() / name``, i.e. ``$LEAKLAB_DATA/<name>`` if that variable is set, else
+            ``~/.cache/leaklab/<name>``. Ignored by the built-in datasets.
         seed: seeds the train/test split (and the data itself for ``loan``).
-        **options: per dataset: ``image_size`` (digits, mnist, cifar10), ``n_samples`` and
-            ``positive_rate`` (loan).
+        download: if the folder holds no loadable copy, download the official files into it first
+            (SHA-256 checked; files already there are not downloaded again). Without it, missing
+            files raise ``DatasetNotFoundError`` (a ``FileNotFoundError``) naming them.
+        show_progress: a progress bar per downloaded file.
+        **options: per dataset: ``image_size`` (digits, mnist, fashion_mnist, cifar10), ``n_samples``
+            and ``positive_rate`` (loan).
 
     Returns:
         A ``Dataset``.
@@ -228,15 +279,23 @@ def load(name: str, *, root: str | Path | None = None, seed: int = 0, **options)
     Example:
         >>> load("digits", image_size=32).x_train.shape
         torch.Size([1437, 1, 32, 32])
+        >>> mnist = load("mnist", download=True)  # doctest: +SKIP
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    seed = validate.non_negative_int("seed", _scalar(seed))
+    if not isinstance(download, bool) or not isinstance(show_progress, bool):
+        raise TypeError(f"download and show_progress must be True or False, got {download!r} and {show_progress!r}")
     builder = DATASETS[name]
     accepted = [p for p in inspect.signature(builder).parameters if p not in ("root", "seed")]
     unknown = [k for k in options if k not in accepted]
     if unknown:
         raise TypeError(f"load({name!r}) got unknown option(s) {', '.join(map(repr, unknown))}; "
                         f"{name} accepts: {', '.join(accepted) or 'no options'}")
-    return builder(root=None if root is None else Path(root), seed=int(seed), **options)
+    folder = Path(root) if root is not None else default_root() / name if name in DOWNLOADS else None
+    if download and name in DOWNLOADS:
+        try:
+            return builder(root=folder, seed=seed, **options)
+        except DatasetNotFoundError:
+            fetch(name, folder, show_progress=show_progress)
+    return builder(root=folder, seed=seed, **options)

@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .datasets import Dataset
+from toolkit import validate
+
+from .datasets import Dataset, _scalar
 
 
 def _labels(labels: Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
@@ -20,11 +22,12 @@ def _labels(labels: Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
     return y
 
 
-def _check_parties(n_parties: int, n: int) -> None:
-    if isinstance(n_parties, bool) or not isinstance(n_parties, (int, np.integer)):
-        raise ValueError(f"n_parties must be an int, got {n_parties!r}")
-    if not 1 <= n_parties <= n:
+def _check_parties(n_parties: int, n: int, seed: int) -> int:
+    validate.non_negative_int("seed", _scalar(seed))
+    n_parties = validate.positive_int("n_parties", _scalar(n_parties))
+    if n_parties > n:
         raise ValueError(f"n_parties must lie between 1 and the number of samples ({n}), got {n_parties}")
+    return n_parties
 
 
 def _out(groups: list[np.ndarray]) -> list[Tensor]:
@@ -47,7 +50,7 @@ def iid(labels: Tensor, n_parties: int, *, seed: int = 0) -> list[Tensor]:
         [4, 3, 3]
     """
     y = _labels(labels)
-    _check_parties(n_parties, len(y))
+    n_parties = _check_parties(n_parties, len(y), seed)
     perm = np.random.default_rng(seed).permutation(len(y))
     return _out(np.array_split(perm, n_parties))
 
@@ -74,11 +77,10 @@ def dirichlet(labels: Tensor, n_parties: int, *, alpha: float, seed: int = 0, mi
         >>> parts = dirichlet(load("digits").y_train, 5, alpha=0.5)  # doctest: +SKIP
     """
     y = _labels(labels)
-    _check_parties(n_parties, len(y))
-    if not isinstance(alpha, (int, float, np.floating)) or not np.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
-        raise ValueError(f"min_size must be a non-negative int, got {min_size!r}")
+    n_parties = _check_parties(n_parties, len(y), seed)
+    alpha = validate.positive("alpha", _scalar(alpha))
+    min_size = validate.non_negative_int("min_size", _scalar(min_size))
+    max_attempts = validate.positive_int("max_attempts", _scalar(max_attempts))
     if n_parties * min_size > len(y):
         raise ValueError(f"{n_parties} parties x min_size={min_size} needs {n_parties * min_size} samples, "
                          f"only {len(y)} available")
@@ -119,10 +121,8 @@ def shards(labels: Tensor, n_parties: int, *, shards_per_party: int = 2, seed: i
         >>> parts = shards(torch.arange(10).repeat_interleave(20), 10)  # each party: 2 classes
     """
     y = _labels(labels)
-    _check_parties(n_parties, len(y))
-    if isinstance(shards_per_party, bool) or not isinstance(shards_per_party, (int, np.integer)) \
-            or shards_per_party < 1:
-        raise ValueError(f"shards_per_party must be a positive int, got {shards_per_party!r}")
+    n_parties = _check_parties(n_parties, len(y), seed)
+    shards_per_party = validate.positive_int("shards_per_party", _scalar(shards_per_party))
     n_shards = n_parties * shards_per_party
     if n_shards > len(y):
         raise ValueError(f"{n_parties} parties x shards_per_party={shards_per_party} = {n_shards} shards, "
@@ -154,9 +154,16 @@ def partition(ds: Dataset, n_parties: int, scheme: str = "iid", *, seed: int = 0
     Example:
         >>> parties = partition(load("digits"), 4, "dirichlet", alpha=0.3)  # doctest: +SKIP
     """
+    if not isinstance(ds, Dataset):
+        raise TypeError(f"partition needs a toolkit.data.Dataset, got {type(ds).__name__}")
     if scheme not in PARTITIONERS:
         raise ValueError(f"unknown partition scheme {scheme!r}; known: {', '.join(PARTITIONERS)}")
-    return [ds.subset(idx) for idx in PARTITIONERS[scheme](ds.y_train, n_parties, seed=seed, **kwargs)]
+    parts = PARTITIONERS[scheme](ds.y_train, n_parties, seed=seed, **kwargs)
+    empty = [i for i, idx in enumerate(parts) if len(idx) == 0]
+    if empty:
+        raise ValueError(f"partition: part(s) {empty} of {len(parts)} received no training samples "
+                         f"({scheme}, {kwargs}); each party needs at least one: use min_size >= 1")
+    return [ds.subset(idx) for idx in parts]
 
 
 # ---------------------------------------------------------------------------------------------- vertical
@@ -175,7 +182,8 @@ def _image_part(x: Tensor, where: str) -> Tensor:  # x: (N, C, H, W)
 def _column_groups(ds: Dataset, parts: int | Sequence[Sequence[str | int]]) -> list[list[int]]:
     n_features = ds.x_train.shape[1]
     if isinstance(parts, (int, np.integer)) and not isinstance(parts, bool):
-        if not 1 <= parts <= n_features:
+        parts = validate.positive_int("parts", _scalar(parts))
+        if parts > n_features:
             raise ValueError(f"parts must lie between 1 and the {n_features} features, got {parts}")
         return [g.tolist() for g in np.array_split(np.arange(n_features), parts)]
     if isinstance(parts, (str, bytes)) or not isinstance(parts, Sequence) or not parts:
@@ -233,6 +241,8 @@ def vertical_split(ds: Dataset, parts: int | Sequence[Sequence[str | int]], *, m
         >>> left.shape, right.shape
         ((1, 8, 4), (1, 8, 4))
     """
+    if not isinstance(ds, Dataset):
+        raise TypeError(f"vertical_split needs a toolkit.data.Dataset, got {type(ds).__name__}")
     if mode not in ("halves", "tiles"):
         raise ValueError(f"unknown mode {mode!r}; supported: 'halves' (parts=2) and 'tiles' (parts=4)")
     if ds.is_image:
