@@ -154,3 +154,21 @@ def test_packets_are_counted_byte_for_byte_and_split_by_row():
     assert float(row.tensor.values.sum()) == 5.0
     with pytest.raises(ValueError, match="2 rows, got 3"):
         wire.send(packet, sender=("a", "b"), receiver="server", kind="update")
+
+
+def test_load_state_dict_refuses_a_malformed_state_and_keeps_the_wire():
+    wire = Wire()
+    wire.send(torch.ones(2, 3), sender="c", receiver="s", kind="activations")
+    good = wire.state_dict()
+    fresh = Wire()
+    fresh.load_state_dict(good)
+    assert fresh.observed()[0].tensor.tolist() == [[1.0] * 3] * 2 and fresh.total_bytes == 24
+    bad_record = {**good, "records": [(0, "c", "s", "activations", "not a tensor", "train", False)]}
+    bad_ledger = {**good, "ledger": [(("c", "s"), [1, 24])]}
+    for bad, message in ((bad_record, "record 0"), (bad_ledger, "ledger entry 0"),
+                         ({**good, "step": -1}, "step must be a non-negative int"), ({"step": 0}, "not a wire state")):
+        target = Wire()
+        target.send(torch.zeros(1), sender="a", receiver="b", kind="labels")
+        with pytest.raises(ValueError, match=message):
+            target.load_state_dict(bad)
+        assert len(target.observed()) == 1 and target.total_bytes == 4  # unchanged

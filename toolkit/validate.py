@@ -54,6 +54,8 @@ def finite(value: Tensor, name: str) -> Tensor:
     value = tensor(value, name)
     if not value.is_floating_point() and not value.is_complex():
         return value
+    if value.numel() == 0 or bool(torch.isfinite(value.sum())):
+        return value  # one fast pass; a non-finite sum (a bad value, or an overflow) is looked at closely
     bad = ~torch.isfinite(value)
     if bool(bad.any()):
         where = _first_index(bad)

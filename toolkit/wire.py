@@ -340,9 +340,38 @@ class Wire:
                 "records": [tuple(getattr(r, f.name) for f in fields(r)) for r in self._records]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output; every entry is checked before anything changes
+        (a ValueError names the first bad one), so a malformed checkpoint leaves the wire as it was."""
+        if not isinstance(state, dict) or set(state) != {"step", "phase", "total_bytes", "ledger", "records"}:
+            raise ValueError(f"not a wire state: expected keys step, phase, total_bytes, ledger, records, got "
+                             f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+        for key in ("step", "total_bytes"):
+            if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
+                raise ValueError(f"wire state: {key} must be a non-negative int, got {state[key]!r}")
+        if not isinstance(state["phase"], str):
+            raise ValueError(f"wire state: phase must be a str, got {state['phase']!r}")
+        ledger = {}
+        for i, entry in enumerate(state["ledger"]):
+            ok = isinstance(entry, (tuple, list)) and len(entry) == 2
+            key, counts = entry if ok else (None, None)
+            ok = ok and isinstance(key, (tuple, list)) and len(key) == 3 and _names(key[0]) and _names(key[1]) \
+                and isinstance(key[2], str) and isinstance(counts, (tuple, list)) and len(counts) == 2 \
+                and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+            if not ok:
+                raise ValueError(f"wire state: ledger entry {i} is not ((sender, receiver, kind), [rows, bytes])")
+            ledger[(_as_names(key[0]), _as_names(key[1]), key[2])] = list(counts)
+        records = []
+        for i, r in enumerate(state["records"]):
+            ok = isinstance(r, (tuple, list)) and len(r) == 7
+            ok = ok and isinstance(r[0], int) and not isinstance(r[0], bool) and _names(r[1]) and _names(r[2]) \
+                and isinstance(r[3], str) and isinstance(r[4], (Tensor, Packet)) and isinstance(r[5], str) \
+                and isinstance(r[6], bool)
+            if not ok:
+                raise ValueError(f"wire state: record {i} is not (step, sender, receiver, kind, tensor or Packet, "
+                                 f"phase, broadcast)")
+            records.append(_Record(r[0], _as_names(r[1]), _as_names(r[2]), *r[3:]))
         self.step, self.phase, self.total_bytes = state["step"], state["phase"], state["total_bytes"]
-        self._ledger = {tuple(k): list(v) for k, v in state["ledger"]}
-        self._records = [_Record(*r) for r in state["records"]]
+        self._ledger, self._records = ledger, records
 
     def reset(self) -> None:
         """Forget the transcript and the counters (the step counter too)."""
@@ -355,3 +384,11 @@ class Wire:
         return (f"Wire({len(self)} transfers, {self.total_bytes:,} bytes, "
                 f"recording={'on' if self.recording else 'off'}, transforms={self.transforms!r}, "
                 f"transport={self.transport!r})")
+
+
+def _names(n: Any) -> bool:
+    return isinstance(n, str) or (isinstance(n, (tuple, list)) and bool(n) and all(isinstance(x, str) for x in n))
+
+
+def _as_names(n: str | Sequence[str]) -> Names:
+    return n if isinstance(n, str) else tuple(n)
