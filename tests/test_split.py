@@ -1,6 +1,5 @@
 """Split learning: exactness, audits, accuracy, byte accounting and bad input, per configuration."""
 import copy
-import types
 
 import pytest
 import torch
