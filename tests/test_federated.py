@@ -174,9 +174,9 @@ def test_bad_federated_input(digits, iid10):
     with pytest.raises(ValueError, match="client:1 has no data"):
         FederatedAveraging(mlp(), [iid10[0], digits.subset(torch.arange(0))])
     for fraction in (0.0, 1.5, -0.2):
-        with pytest.raises(ValueError, match="fraction must lie in"):
+        with pytest.raises(ValueError, match=r"fraction must be a number in \(0.0, 1.0\]"):
             FedConfig(fraction=fraction)
-    with pytest.raises(ValueError, match="dropout must lie in"):
+    with pytest.raises(ValueError, match=r"dropout must be a number in \[0.0, 1.0\)"):
         FedConfig(dropout=1.0)
     with pytest.raises(ValueError, match="unknown aggregator 'mode'"):
         FederatedAveraging(mlp(), iid10, aggregator="mode")
