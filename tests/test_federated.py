@@ -170,6 +170,8 @@ def test_manifest_traces_the_run(iid10):
     m = history.attrs["manifest"]
     assert m["seed"] == 5 and m["config"]["lr"] == 0.05 and m["packages"]["torch"].startswith("2.")
     assert m["protocol"] == "FederatedAveraging" and m["round"] == 1 and m["clients"] == 10
+    assert m["executor"] == "vectorized" and m["executor_fallback"] is None
+    assert history["seconds"].dtype == "float64" and (history["seconds"] >= 0).all()  # a duration per round
 
 
 # -- bad input --------------------------------------------------------------------------------

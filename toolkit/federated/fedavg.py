@@ -56,13 +56,13 @@ class FederatedAveraging(FederatedProtocol):
         start = time.perf_counter()
         self.wire.tick()
         plan = self._plan()
-        start, bytes_down = self._download(self.weights, plan)
+        received_weights, bytes_down = self._download(self.weights, plan)
         loss, rejected, bytes_up = float("nan"), 0, 0
         if len(plan.clients):
             m = len(plan.clients)
             if self._updates is None or len(self._updates) < m:
                 self._updates = torch.empty(max(m, plan.sampled), len(self.weights), dtype=self.weights.dtype)
-            updates, losses = self._local_train(start, plan, out=self._updates[:m])
+            updates, losses = self._local_train(received_weights, plan, out=self._updates[:m])
             received, kept, bytes_up = self._upload(updates, plan.clients)
             rejected = len(plan.clients) - len(kept)
             loss = float(losses.mean())
