@@ -193,6 +193,8 @@ def test_bad_federated_input(digits, iid10):
         FederatedAveraging(models.mlp([32, 10]), iid10)
     with pytest.raises(ValueError, match="outputs .* but the labels have 10 classes"):
         FederatedAveraging(models.mlp([64, 5]), iid10)
+    with pytest.raises(ValueError, match="no parameter to train"):
+        FederatedAveraging(mlp().requires_grad_(False), iid10)
     with pytest.raises(ValueError, match="malicious client indices \\[12\\]"):
         FederatedAveraging(mlp(), iid10, malicious={12: lambda u, generator=None: u})
     with pytest.raises(ValueError, match="rounds must be a positive int"):
@@ -220,7 +222,7 @@ def test_bad_client_data_is_refused_where_it_enters_naming_client_tensor_and_ind
     bad.x_train[rows[17], 0, 0, 2] = float("inf")
     with pytest.raises(ValueError, match=r"client:1 x_train holds Inf at index \(17, 0, 0, 2\)"):
         ClientData.from_indices(bad, [torch.arange(100), rows])
-    with pytest.raises(ValueError, match=r"client:1 y_train must be integer class indices \(torch.long\), got torch.float32"):
+    with pytest.raises(ValueError, match=r"client:1 y_train must be integer class indices \(torch.long\), got torch.float"):
         ClientData([iid10[0], client(x, y.float() + 0.4)])  # would have been truncated into wrong labels
     negative = y.clone()
     negative[7] = -1
@@ -252,6 +254,9 @@ def test_targets_must_fit_the_loss(iid10):
         FederatedAveraging(models.mlp([8, 2]), [client(x, target_inf)], test=test, config=FedConfig(loss="mse"))
     with pytest.raises(ValueError, match="client:0 y_train must be float targets for a regression loss"):
         FederatedAveraging(models.mlp([8, 2]), [client(x, target.long())], test=test, config=FedConfig(loss="mse"))
+    with pytest.raises(ValueError, match=r"y_test must hold one float target \(2,\) per test input, got \(40,\)"):
+        FederatedAveraging(models.mlp([8, 2]), regression, test=SimpleNamespace(x_test=x, y_test=target[:, 0]),
+                           config=FedConfig(loss="mse"))
     with pytest.raises(ValueError, match="loss 'mse' needs float targets, but the ClientData holds class labels"):
         FederatedAveraging(mlp(), ClientData(iid10), config=FedConfig(loss="mse"))
     with pytest.raises(ValueError, match="loss 'cross_entropy' needs class labels"):

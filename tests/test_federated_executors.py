@@ -50,7 +50,8 @@ def test_frozen_parameters_stay_put_and_the_vectorized_executor_equals_the_refer
     assert vec.executor.path == "vmap"  # the hand-written MLP trains every parameter, so it steps aside
     n_frozen = 64 * 128 + 128
     start = flat_state(seeded(frozen_mlp)())
-    assert torch.equal(vec.weights[:n_frozen], start[:n_frozen]) and torch.equal(seq.weights[:n_frozen], start[:n_frozen])
+    assert torch.equal(vec.weights[:n_frozen], start[:n_frozen])
+    assert torch.equal(seq.weights[:n_frozen], start[:n_frozen])
     assert not torch.equal(vec.weights[n_frozen:], start[n_frozen:])  # the rest trained
     assert torch.allclose(vec.weights, seq.weights, atol=1e-6, rtol=0)
 
@@ -93,7 +94,8 @@ def test_a_float64_mlp_trains_exactly_on_both_vectorized_paths(digits):
     make = seeded(lambda: models.mlp([64, 32, 10]).double())
     seq, _, _ = run(make, clients, executor="sequential", momentum=0.5, mu=0.05)
     for hand_written_mlp, path in ((True, "hand-written MLP"), (False, "vmap")):
-        vec, _, fell = run(make, clients, executor="vectorized", momentum=0.5, mu=0.05, hand_written_mlp=hand_written_mlp)
+        vec, _, fell = run(make, clients, executor="vectorized", momentum=0.5, mu=0.05,
+                           hand_written_mlp=hand_written_mlp)
         assert not fell and vec.executor.ran == "vectorized" and vec.executor.path == path
         assert vec.weights.dtype == torch.float64
         assert torch.allclose(vec.weights, seq.weights, atol=1e-10, rtol=0)
@@ -186,3 +188,28 @@ def test_one_output_per_sample_regresses_onto_one_dimensional_targets():
     assert history["test_loss"].iloc[-1] < history["test_loss"].iloc[0]
     with pytest.raises(ValueError, match=r"outputs \(2,\) per sample but the targets hold \(\) \(1 values\)"):
         FederatedAveraging(models.mlp([8, 2]), clients, config=FedConfig(loss="mse"))
+
+
+@pytest.mark.parametrize("executor", ["vectorized", "sequential"])
+def test_each_client_trains_from_its_own_start_row_and_reports_its_update_from_it(iid10, executor):
+    from toolkit.federated import EXECUTORS, RoundPlan, plan_round
+
+    clients = ClientData(iid10)
+    config = FedConfig(momentum=0.5, mu=0.1, batch_size=16, local_epochs=2)
+    plan = plan_round(clients, fraction=0.5, dropout=0.0, epochs=2, generator=torch.Generator().manual_seed(0))
+    model = seeded(lambda: models.mlp([64, 128, 10]))()
+    w = flat_state(model)
+    start = w + 0.05 * torch.randn(len(plan.clients), len(w), generator=torch.Generator().manual_seed(1))
+    run_all = EXECUTORS[executor]()
+    updates, losses = run_all.train(model, start, clients, plan, config)
+    assert torch.equal(flat_state(model), w)  # the model is left as it was found
+    for row in range(len(plan.clients)):
+        alone = RoundPlan(plan.clients[row:row + 1], plan.dropped, [o[row:row + 1] for o in plan.orders],
+                          plan.counts[row:row + 1])
+        u, loss = EXECUTORS[executor]().train(model, start[row], clients, alone, config)
+        assert torch.allclose(updates[row], u[0], atol=1e-6, rtol=0) and loss[0] == pytest.approx(float(losses[row]))
+    shared, _ = EXECUTORS[executor]().train(model, start[0], clients, plan, config)
+    rows, _ = EXECUTORS[executor]().train(model, start[0].expand_as(start).clone(), clients, plan, config)
+    assert torch.allclose(shared, rows, atol=1e-6, rtol=0)  # (P,) is (M, P) with equal rows
+    with pytest.raises(ValueError, match=r"start weights must be \(9610,\) for everyone or \(5, 9610\)"):
+        run_all.train(model, start[:2], clients, plan, config)

@@ -132,9 +132,10 @@ def test_a_stacked_download_counts_the_same_bytes_as_a_broadcast_and_copies_noth
     assert plain.history["bytes_down"].tolist() == stacked.history["bytes_down"].tolist()
     assert plain.history["bytes_down"].sum() > 0 and plain.wire.ledger().equals(stacked.wire.ledger())
     assert plain.wire.summary().equals(stacked.wire.summary())
-    got = [(t.receiver, t.tensor) for t in plain.wire.observed(kind="weights")]
-    assert [(r, w) for r, w in got] and all(r == s and torch.equal(w, v) for (r, w), (s, v) in
-                                            zip(got, [(t.receiver, t.tensor) for t in stacked.wire.observed(kind="weights")]))
+    broadcast = [(t.receiver, t.tensor) for t in plain.wire.observed(kind="weights")]
+    rows = [(t.receiver, t.tensor) for t in stacked.wire.observed(kind="weights")]
+    assert len(broadcast) == len(rows) > 0
+    assert all(r == s and torch.equal(w, v) for (r, w), (s, v) in zip(broadcast, rows))  # the same transcript
     assert torch.equal(plain.weights, stacked.weights)
     # every client got the same weights: the executors were handed one (P,) row, never an (M, P) copy
     assert all(start.dim() == 1 for fl in (plain, stacked) for _, start in fl.executor.calls)

@@ -94,14 +94,16 @@ class FederatedProtocol:
             y = validate.labels(y, "y_test", length=len(x))
         else:
             y = validate.finite(validate.tensor(y, "y_test", min_dim=1), "y_test")
-            if not y.is_floating_point() or len(y) != len(x):
-                raise ValueError(f"y_test must hold one float target per test input, got {tuple(y.shape)} {y.dtype} "
-                                 f"for {len(x)} inputs")
+            if not y.is_floating_point() or len(y) != len(x) or y.shape[1:] != self.data.y.shape[2:]:
+                raise ValueError(f"y_test must hold one float target {tuple(self.data.y.shape[2:])} per test input, "
+                                 f"got {tuple(y.shape)} {y.dtype} for {len(x)} inputs")
         if tuple(x.shape[1:]) != self.data.shape:
             raise ValueError(f"x_test holds inputs of shape {tuple(x.shape[1:])}, the clients' are {self.data.shape}")
         return x, y
 
     def _check_model(self) -> None:
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError("the model has no parameter to train (every requires_grad is False)")
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()  # no BatchNorm statistics change
         try:

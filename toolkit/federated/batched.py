@@ -2,10 +2,11 @@
 
 ``vmap(grad(...))`` is general but lays some batched products out badly on CPU (its weight
 gradient runs about 1.4x slower here than the same product on contiguous operands). For the
-most common federated model, a stack of Flatten / Linear / ReLU / Sigmoid / Tanh, this module
-computes the same per-client loss (cross-entropy or mean squared error) and gradients with batched matrix products on good layouts.
-The vectorized executor uses it when a model qualifies and ``vmap`` otherwise; tests check that
-both give the same numbers.
+most common federated model, a stack of Flatten / Linear / ReLU / Sigmoid / Tanh whose
+parameters all train, this module computes the same per-client loss (cross-entropy or mean
+squared error) and gradients with batched matrix products on good layouts. The vectorized
+executor uses it when a model and loss qualify and ``vmap`` otherwise; tests check that both
+give the same numbers as the sequential reference.
 """
 from __future__ import annotations
 
