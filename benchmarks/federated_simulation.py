@@ -178,7 +178,8 @@ def main() -> None:
     import torch
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads "
           f"({'--threads' if args.threads else 'torch default'}); Flower workers use 1 thread each")
-    print(f"{'workload':9s} {'clients':>7s} {'engine':11s} {'ran':11s} {'s/round':>9s} {'peak MB':>8s} {'accuracy':>8s}")
+    print(f"{'workload':9s} {'clients':>7s} {'engine':11s} {'ran':11s} {'s/round':>9s} {'peak MB':>8s} "
+          f"{'accuracy':>8s}")
     for r in rows:
         if "error" in r:
             print(f"{r['workload']:9s} {r['clients']:7d} {r['engine']:11s} failed: {r['error']}")
