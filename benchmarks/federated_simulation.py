@@ -11,7 +11,12 @@ Workloads (1 local epoch, batch 32, SGD lr 0.05, every client every round):
       (GFLOP/s) this script measures in the same run as the ceiling.
 
 Each configuration runs 5 rounds in its own process (so peak memory is its own); seconds per
-round are the median of rounds 2-5 (evaluation included). Flower (flwr with Ray) runs when this
+round are the median of rounds 2-5 (evaluation included), and the table names the executor that
+actually ran (a vectorized run that fell back says "sequential").
+
+Update compression (top-k 1% and QSGD with 16 levels) is timed beside the dense upload for
+1,000 clients x 50,000 coordinates: seconds to compress and decompress a round's updates, and
+bytes on the wire. Flower (flwr with Ray) runs when this
 Python has it (pip install -e ".[bench]") or another one does: --flower-python /path/to/python.
 
 --threads N sets torch's intra-op threads for the vectorized and sequential runs and for the
@@ -20,6 +25,9 @@ cores actually free: when a busy core preempts one of torch's threads, every bat
 waits for it, and workload (b) was measured 10x slower with 2 threads on 1 free core than with 1.
 
     python benchmarks/federated_simulation.py [--flower-python PY] [--rounds 5] [--threads N]
+        [--clients 10 100 1000] [--workloads a b]
+
+A quick check on a shared machine: --threads 1 --clients 10 100 --workloads a --rounds 3.
 """
 from __future__ import annotations
 
@@ -75,6 +83,7 @@ def run_one(workload: str, n_clients: int, executor: str, rounds: int) -> dict:
     history = fl.fit(rounds=rounds)
     seconds = history["seconds"].tolist()
     return {"seconds_per_round": statistics.median(seconds[1:5]), "round_seconds": seconds,
+            "ran": history.attrs["manifest"]["executor"],
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "accuracy": float(history["accuracy"].iloc[-1]), "data": source}
 
@@ -94,6 +103,30 @@ def bmm_ceiling(repeats: int = 7) -> float:
     return 2 * 1000 * 32 * 784 * 64 / statistics.median(times) / 1e9
 
 
+def compression_seconds(n_clients: int = 1000, p: int = 50_000, repeats: int = 3) -> list[dict]:
+    """Median seconds to compress and to decompress one round's (n_clients, p) updates, and the
+    bytes that cross, for the dense upload, top-k 1% and QSGD(16)."""
+    import torch
+
+    from toolkit.federated.compression import QSGD, TopK
+
+    u = torch.randn(n_clients, p, generator=torch.Generator().manual_seed(0))
+    clients = torch.arange(n_clients)
+    rows = [{"name": "dense", "compress": 0.0, "decompress": 0.0, "bytes": u.nbytes}]
+    for name, comp in (("top-k 1%", TopK(0.01, error_feedback=False)), ("QSGD 16", QSGD(16))):
+        enc, dec = [], []
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            packet = comp.compress(u, clients, generator=torch.Generator().manual_seed(r))
+            t1 = time.perf_counter()
+            comp.decompress(packet)
+            dec.append(time.perf_counter() - t1)
+            enc.append(t1 - t0)
+        rows.append({"name": name, "compress": statistics.median(enc), "decompress": statistics.median(dec),
+                     "bytes": packet.nbytes})
+    return rows
+
+
 def subprocess_json(cmd: list[str], cwd: Path | None = None) -> dict:
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     if done.returncode != 0:
@@ -106,6 +139,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--flower-python", help="a Python with flwr[simulation] installed")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000],
+                        help="client counts for workload (a) (default: 10 100 1000)")
+    parser.add_argument("--workloads", nargs="+", choices=["a", "b"], default=["a", "b"],
+                        help="which workloads to run (default: a b)")
     parser.add_argument("--one", nargs=3, metavar=("WORKLOAD", "CLIENTS", "EXECUTOR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads is not None:
@@ -113,6 +150,8 @@ def main() -> None:
             parser.error(f"--threads must be a positive int, got {args.threads}")
         import torch
         torch.set_num_threads(args.threads)
+    if args.rounds < 2 or any(n < 1 for n in args.clients):
+        parser.error("--rounds must be at least 2 (round 1 is warm-up) and --clients positive")
     if args.one:
         workload, n, executor = args.one
         print(json.dumps(run_one(workload, int(n), executor, args.rounds)))
@@ -123,8 +162,9 @@ def main() -> None:
     threads = [] if args.threads is None else ["--threads", str(args.threads)]
     me = [sys.executable, str(Path(__file__).resolve()), "--rounds", str(args.rounds), *threads, "--one"]
     rows = []
-    for workload, counts in (("a", (10, 100, 1000)), ("b", (1000,))):
-        for n in counts:
+    plan = {"a": tuple(args.clients), "b": (1000,)}
+    for workload in args.workloads:
+        for n in plan[workload]:
             for executor in ("vectorized", "sequential"):
                 rows.append({"workload": workload, "clients": n, "engine": executor,
                              **subprocess_json(me + [workload, str(n), executor])})
@@ -133,24 +173,31 @@ def main() -> None:
                 rows.append({"workload": "a", "clients": n, "engine": "flower",
                              **subprocess_json([args.flower_python, "-c", code], cwd=HERE)})
     ceiling = bmm_ceiling()
+    compression = compression_seconds()
 
     import torch
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads "
           f"({'--threads' if args.threads else 'torch default'}); Flower workers use 1 thread each")
-    print(f"{'workload':9s} {'clients':>7s} {'engine':11s} {'s/round':>9s} {'peak MB':>8s} {'accuracy':>8s}")
+    print(f"{'workload':9s} {'clients':>7s} {'engine':11s} {'ran':11s} {'s/round':>9s} {'peak MB':>8s} "
+          f"{'accuracy':>8s}")
     for r in rows:
         if "error" in r:
             print(f"{r['workload']:9s} {r['clients']:7d} {r['engine']:11s} failed: {r['error']}")
             continue
-        print(f"{r['workload']:9s} {r['clients']:7d} {r['engine']:11s} {r['seconds_per_round']:9.4f} "
-              f"{r['peak_rss_bytes'] / 2**20:8.0f} {r['accuracy']:8.3f}")
+        print(f"{r['workload']:9s} {r['clients']:7d} {r['engine']:11s} {r.get('ran', r['engine']):11s} "
+              f"{r['seconds_per_round']:9.4f} {r['peak_rss_bytes'] / 2**20:8.0f} {r['accuracy']:8.3f}")
+    print("\nupdate compression, 1000 clients x 50,000 coordinates (median of 3):")
+    print(f"  {'':9s} {'compress s':>10s} {'decompress s':>12s} {'MB up':>8s} {'smaller':>8s}")
+    for c in compression:
+        print(f"  {c['name']:9s} {c['compress']:10.3f} {c['decompress']:12.3f} {c['bytes'] / 2**20:8.1f} "
+              f"{compression[0]['bytes'] / c['bytes']:7.1f}x")
 
     def sec(workload, n, engine):
         r = next((r for r in rows if (r["workload"], r["clients"], r["engine"]) == (workload, n, engine)), None)
         return r.get("seconds_per_round") if r else None
 
     print("\nratios (higher is faster for the vectorized executor):")
-    for n in (10, 100, 1000):
+    for n in plan["a"] if "a" in args.workloads else ():
         vec, seq, flwr = sec("a", n, "vectorized"), sec("a", n, "sequential"), sec("a", n, "flower")
         line = f"  (a) {n:5d} clients: sequential / vectorized = {seq / vec:6.1f}x" if vec and seq else ""
         if vec and flwr:
@@ -170,7 +217,8 @@ def main() -> None:
     if vec_b:
         targets.append(("(b) >= 50% of the batched-matmul ceiling", FLOP_B / vec_b / 1e9 >= 0.5 * ceiling))
     vec_rows = [r for r in rows if r["engine"] == "vectorized" and "peak_rss_bytes" in r]
-    targets.append(("vectorized peak memory < 1 GB", all(r["peak_rss_bytes"] < 2**30 for r in vec_rows)))
+    if vec_rows:
+        targets.append(("vectorized peak memory < 1 GB", all(r["peak_rss_bytes"] < 2**30 for r in vec_rows)))
     print("\ntargets:")
     for name, ok in targets:
         print(f"  {'met   ' if ok else 'MISSED'} {name}")

@@ -1,5 +1,7 @@
 """Federated engine: executors agree, FedAvg learns, the wire carries every update, bad input is refused."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -27,6 +29,7 @@ def test_vectorized_executor_equals_sequential_reference_after_three_rounds(digi
     for executor in ("sequential", "vectorized"):
         fl = FederatedAveraging(mlp(), clients, config=FedConfig(executor=executor, seed=4, **settings))
         history = fl.fit(rounds=3)
+        assert fl.executor.ran == history.attrs["manifest"]["executor"] == executor  # no silent fallback
         runs[executor] = (fl.weights, history)
     (w_seq, h_seq), (w_vec, h_vec) = runs["sequential"], runs["vectorized"]
     assert torch.allclose(w_seq, w_vec, atol=1e-5, rtol=0)
@@ -143,8 +146,10 @@ def test_batchnorm_models_fall_back_to_the_reference_with_a_clear_warning(iid10)
         return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
 
     vec = FederatedAveraging(bn_model(), iid10, config=FedConfig(executor="vectorized"))
-    with pytest.warns(UserWarning, match="BatchNorm1d.*running statistics.*falling back to the sequential"):
-        vec.fit(rounds=2)
+    with pytest.warns(UserWarning, match="BatchNorm1d.*running statistics.*falling back to the sequential") as caught:
+        history = vec.fit(rounds=2)
+    assert len([w for w in caught if "falling back" in str(w.message)]) == 1  # one warning, not one per round
+    assert vec.executor.ran == history.attrs["manifest"]["executor"] == "sequential"
     seq = FederatedAveraging(bn_model(), iid10, config=FedConfig(executor="sequential"))
     seq.fit(rounds=2)
     assert torch.equal(vec.weights, seq.weights)
@@ -165,6 +170,8 @@ def test_manifest_traces_the_run(iid10):
     m = history.attrs["manifest"]
     assert m["seed"] == 5 and m["config"]["lr"] == 0.05 and m["packages"]["torch"].startswith("2.")
     assert m["protocol"] == "FederatedAveraging" and m["round"] == 1 and m["clients"] == 10
+    assert m["executor"] == "vectorized" and m["executor_fallback"] is None
+    assert history["seconds"].dtype == "float64" and (history["seconds"] >= 0).all()  # a duration per round
 
 
 # -- bad input --------------------------------------------------------------------------------
@@ -174,9 +181,9 @@ def test_bad_federated_input(digits, iid10):
     with pytest.raises(ValueError, match="client:1 has no data"):
         FederatedAveraging(mlp(), [iid10[0], digits.subset(torch.arange(0))])
     for fraction in (0.0, 1.5, -0.2):
-        with pytest.raises(ValueError, match="fraction must lie in"):
+        with pytest.raises(ValueError, match=r"fraction must be a number in \(0.0, 1.0\]"):
             FedConfig(fraction=fraction)
-    with pytest.raises(ValueError, match="dropout must lie in"):
+    with pytest.raises(ValueError, match=r"dropout must be a number in \[0.0, 1.0\)"):
         FedConfig(dropout=1.0)
     with pytest.raises(ValueError, match="unknown aggregator 'mode'"):
         FederatedAveraging(mlp(), iid10, aggregator="mode")
@@ -186,6 +193,8 @@ def test_bad_federated_input(digits, iid10):
         FederatedAveraging(models.mlp([32, 10]), iid10)
     with pytest.raises(ValueError, match="outputs .* but the labels have 10 classes"):
         FederatedAveraging(models.mlp([64, 5]), iid10)
+    with pytest.raises(ValueError, match="no parameter to train"):
+        FederatedAveraging(mlp().requires_grad_(False), iid10)
     with pytest.raises(ValueError, match="malicious client indices \\[12\\]"):
         FederatedAveraging(mlp(), iid10, malicious={12: lambda u, generator=None: u})
     with pytest.raises(ValueError, match="rounds must be a positive int"):
@@ -197,6 +206,83 @@ def test_bad_federated_input(digits, iid10):
     assert torch.equal(truncated.weights, before)  # nothing half-applied
 
 
+def client(x, y):
+    return SimpleNamespace(x_train=x, y_train=y)
+
+
+def test_bad_client_data_is_refused_where_it_enters_naming_client_tensor_and_index(digits, iid10):
+    x, y = iid10[2].x_train.clone(), iid10[2].y_train.clone()
+    nan_x = x.clone()
+    nan_x[5, 0, 3, 1] = float("nan")
+    clients = [iid10[0], iid10[1], client(nan_x, y)]
+    with pytest.raises(ValueError, match=r"client:2 x_train holds NaN at index \(5, 0, 3, 1\)"):
+        FederatedAveraging(mlp(), clients, test=digits)
+    rows = torch.arange(200, 300)
+    bad = data.Dataset("digits", digits.x_train.clone(), digits.y_train, digits.x_test, digits.y_test, digits.classes)
+    bad.x_train[rows[17], 0, 0, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"client:1 x_train holds Inf at index \(17, 0, 0, 2\)"):
+        ClientData.from_indices(bad, [torch.arange(100), rows])
+    with pytest.raises(ValueError, match=r"client:1 y_train must be integer class indices \(torch.long\), got torch.float"):
+        ClientData([iid10[0], client(x, y.float() + 0.4)])  # would have been truncated into wrong labels
+    negative = y.clone()
+    negative[7] = -1
+    with pytest.raises(ValueError, match="client:0 y_train holds a negative label -1 at index 7"):
+        ClientData([client(x, negative)])
+    with pytest.raises(ValueError, match="y_train holds a negative label -1 at index 7"):
+        ClientData.from_indices(client(x, negative), [torch.arange(50), torch.arange(50, 100)])
+    with pytest.raises(TypeError, match=r"client:0 x_train must be a torch.Tensor, got numpy.ndarray \(convert it"):
+        ClientData([client(x.numpy(), y)])
+    with pytest.raises(TypeError, match="client:0 y_train must be a torch.Tensor, got builtins.list"):
+        ClientData([client(x, y.tolist())])
+    with pytest.raises(ValueError, match="x_test holds NaN"):
+        FederatedAveraging(mlp(), iid10, test=SimpleNamespace(x_test=nan_x, y_test=y))
+    with pytest.raises(ValueError, match="y_test must be integer class indices"):
+        FederatedAveraging(mlp(), iid10, test=SimpleNamespace(x_test=x, y_test=y.float()))
+    with pytest.raises(ValueError, match=r"outputs \(10,\) per sample but the labels have 12 classes"):
+        FederatedAveraging(mlp(), iid10, test=SimpleNamespace(x_test=x, y_test=y.clamp(max=0) + 11))
+
+
+def test_targets_must_fit_the_loss(iid10):
+    x = torch.randn(40, 8)
+    target = x[:, :2].clone()
+    regression = [client(x, target)]
+    test = SimpleNamespace(x_test=x, y_test=target)
+    assert ClientData(regression, regression=True).y.dtype == torch.float32
+    target_inf = target.clone()
+    target_inf[3, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"client:0 y_train holds Inf at index \(3, 1\)"):
+        FederatedAveraging(models.mlp([8, 2]), [client(x, target_inf)], test=test, config=FedConfig(loss="mse"))
+    with pytest.raises(ValueError, match="client:0 y_train must be float targets for a regression loss"):
+        FederatedAveraging(models.mlp([8, 2]), [client(x, target.long())], test=test, config=FedConfig(loss="mse"))
+    with pytest.raises(ValueError, match=r"y_test must hold one float target \(2,\) per test input, got \(40,\)"):
+        FederatedAveraging(models.mlp([8, 2]), regression, test=SimpleNamespace(x_test=x, y_test=target[:, 0]),
+                           config=FedConfig(loss="mse"))
+    with pytest.raises(ValueError, match="loss 'mse' needs float targets, but the ClientData holds class labels"):
+        FederatedAveraging(mlp(), ClientData(iid10), config=FedConfig(loss="mse"))
+    with pytest.raises(ValueError, match="loss 'cross_entropy' needs class labels"):
+        FederatedAveraging(models.mlp([8, 2]), ClientData(regression, regression=True), test=test)
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"batch_size": 2.5}, "batch_size must be a positive int, got 2.5"),
+    ({"local_epochs": 0}, "local_epochs must be a positive int"),
+    ({"momentum": -0.1}, r"momentum must be a number in \[0.0, 1.0\), got -0.1"),
+    ({"server_momentum": 1.0}, r"server_momentum must be a number in \[0.0, 1.0\)"),
+    ({"lr": 0.0}, "lr must be a positive number"),
+    ({"server_tau": -1e-3}, "server_tau must be a positive number"),
+    ({"weight_decay": -1.0}, "weight_decay must be a non-negative number"),
+    ({"mu": float("nan")}, "mu must be a non-negative number"),
+    ({"server_betas": (0.9,)}, "server_betas must be two values"),
+    ({"server_betas": (0.9, 1.0)}, r"server_betas\[1\] must be a number in \[0.0, 1.0\)"),
+    ({"seed": -1}, "seed must be a non-negative int"),
+    ({"record": "yes"}, "record must be True or False"),
+    ({"eval_batch_size": True}, "eval_batch_size must be a positive int, got True"),
+])
+def test_fedconfig_refuses_bad_settings_by_name(settings, message):
+    with pytest.raises(ValueError, match=message):
+        FedConfig(**settings)
+
+
 def test_client_data_from_indices_equals_the_partition(digits):
     parts = data.iid(digits.y_train, 7, seed=3)
     a = ClientData.from_indices(digits, parts)
@@ -206,24 +292,26 @@ def test_client_data_from_indices_equals_the_partition(digits):
         ClientData.from_indices(digits, [parts[0], torch.tensor([], dtype=torch.long)])
 
 
-@pytest.mark.parametrize("builder", ["mlp-vmap", "convnet-vmap"])
+@pytest.mark.parametrize("builder", ["mlp", "convnet"])
 def test_vmap_path_equals_hand_written_mlp_and_the_reference(digits, builder):
-    """The MLP normally takes the hand-written batched path; vmap serves every other model."""
-    from toolkit.federated.executors import VectorizedExecutor
-
+    """The MLP normally takes the hand-written batched path; vmap serves every other model (and
+    the MLP when asked); several passes (a small chunk_bytes) give the same numbers as one."""
     clients = data.partition(digits, 5, "dirichlet", alpha=0.5, seed=1)
-    make = (lambda: mlp()) if builder == "mlp-vmap" else (
+    make = (lambda: mlp()) if builder == "mlp" else (
         lambda: (torch.manual_seed(0), models.convnet(width=4))[1])
-    config = FedConfig(momentum=0.5, mu=0.05, batch_size=16, seed=2)
-    runs = []
-    for executor in (VectorizedExecutor(hand_written_mlp=False), VectorizedExecutor(chunk_bytes=50_000), None):
-        fl = FederatedAveraging(make(), clients, config=config if executor else
-                                FedConfig(momentum=0.5, mu=0.05, batch_size=16, seed=2, executor="sequential"))
-        if executor is not None:
-            fl.executor = executor
+    settings = {"vmap": {"hand_written_mlp": False}, "default, chunked": {"chunk_bytes": 50_000},
+                "sequential": {"executor": "sequential"}}
+    runs, paths = {}, {}
+    for name, options in settings.items():
+        fl = FederatedAveraging(make(), clients, config=FedConfig(momentum=0.5, mu=0.05, batch_size=16, seed=2,
+                                                                  **options))
         fl.fit(rounds=2)
-        runs.append(fl.weights)
-    assert torch.allclose(runs[0], runs[2], atol=1e-5, rtol=0) and torch.allclose(runs[1], runs[2], atol=1e-5, rtol=0)
+        runs[name], paths[name] = fl.weights, getattr(fl.executor, "path", fl.executor.ran)
+        assert fl.executor.ran == ("sequential" if name == "sequential" else "vectorized")
+    assert paths == {"vmap": "vmap", "default, chunked": "hand-written MLP" if builder == "mlp" else "vmap",
+                     "sequential": "sequential"}
+    for name in ("vmap", "default, chunked"):
+        assert torch.allclose(runs[name], runs["sequential"], atol=1e-5, rtol=0), name
 
 
 def test_client_data_stacks_and_pads(iid10):

@@ -2,8 +2,9 @@
 
 Time is simulated: each dispatched client finishes after a delay drawn from a straggler model,
 and the server handles arrivals in time order, never waiting for the slowest client. Clients
-dispatched together from the same model version train together (vectorized); a client's
-training depends only on the weights it started from, so it is computed when first needed.
+dispatched together from the same model version train together (vectorized) from the weights
+the Wire delivered to them at dispatch; a client's training depends only on those, so it is
+computed when first needed.
 """
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ class _Batch:
 
     version: int
     plan: RoundPlan
+    start: Tensor  # what the Wire delivered to plan.clients: (P,) shared, or (M, P) one row each
     updates: Tensor | None = None
     losses: Tensor | None = None
 
@@ -111,11 +113,12 @@ class _Asynchronous(FederatedProtocol, ABC):
                 return
             chosen = pool[torch.randperm(len(pool), generator=self.generator)[:n]].sort().values
             plan = self._plan(clients=chosen)
-            self._since["bytes_down"] += self._download(self.weights, chosen)
+            start, nbytes = self._download(self.weights, plan)
+            self._since["bytes_down"] += nbytes
             self._since["dropped"] += len(plan.dropped)
             if len(plan.clients):
                 self._snapshots.setdefault(self.round, [self.weights, 0])[1] += len(plan.clients)
-                batch = _Batch(self.round, plan)
+                batch = _Batch(self.round, plan, start)
                 finish = self.clock + self.delays.draw(plan.clients, self.generator)
                 for row, (client, t) in enumerate(zip(plan.clients.tolist(), finish.tolist())):
                     heapq.heappush(self._queue, _Task(t, self._seq, client, row, batch))
@@ -134,8 +137,8 @@ class _Asynchronous(FederatedProtocol, ABC):
         snapshot[1] -= 1
         if snapshot[1] == 0:
             del self._snapshots[batch.version]
-        if batch.updates is None:  # train the whole batch, vectorized, from its version's weights
-            batch.updates, batch.losses = self._local_train(start, batch.plan)
+        if batch.updates is None:  # train the whole batch, vectorized, from what it was delivered
+            batch.updates, batch.losses = self._local_train(batch.start, batch.plan)
         update = batch.updates[task.row:task.row + 1]
         received, kept, nbytes = self._upload(update, torch.tensor([task.client]))
         self._since["bytes_up"] += nbytes
@@ -151,8 +154,10 @@ class _Asynchronous(FederatedProtocol, ABC):
 
     @abstractmethod
     def _apply(self, update: Tensor, client: int, staleness: int, start: Tensor) -> None:
-        """Fold one arrived update (computed from weights ``start``) into the server state;
-        advance ``self.round`` when the global model changes."""
+        """Fold one arrived update into the server state; advance ``self.round`` when the global
+        model changes. ``update`` is relative to the weights the client received; ``start`` is the
+        server's own weights at the version the client was dispatched from (before the wire's
+        transforms)."""
 
     def fit(self, rounds: int = 1, *, show_progress: bool = False) -> pd.DataFrame:
         """Run until the server model has advanced ``rounds`` versions; one history row per version."""
@@ -232,6 +237,12 @@ class FedAsync(_Asynchronous):
     Every arrival moves the global model: ``w <- (1 - a_t) w + a_t w_client`` with
     ``a_t = alpha * s(staleness)``, where ``s`` is ``"constant"``, ``"polynomial"``
     (``(tau + 1) ** -a``) or ``"hinge"`` (1 up to ``b``, then ``1 / (a (tau - b) + 1)``).
+
+    ``w_client = start + update``, where ``start`` is the server's own weights at the version the
+    client was dispatched from, not the (possibly transformed) weights the client received: the
+    client trained from what the Wire delivered, and the server adds what it learned (its update)
+    to the copy the server holds, as FedAvg and FedBuff do. A transform on the download (noise,
+    quantization) thus changes the clients' training, never the server's model directly.
     """
 
     name = "fedasync"

@@ -1,6 +1,7 @@
-"""What every federated protocol shares: clients, the global model, local training, the upload
-through the Wire (compression, malicious clients, rejection of NaN updates), evaluation, history,
-and exact checkpoint/resume with a manifest."""
+"""What every federated protocol shares: clients, the global model, the download and the upload
+through the Wire (clients train from the weights the Wire delivered to them; compression,
+malicious clients, rejection of NaN updates), local training, evaluation, history, and exact
+checkpoint/resume with a manifest."""
 from __future__ import annotations
 
 import warnings
@@ -11,14 +12,14 @@ from typing import Any
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from toolkit import validate
 from toolkit.federated.aggregators import AGGREGATORS, Aggregator, make_aggregator
 from toolkit.federated.clients import ClientData, RoundPlan, plan_round
 from toolkit.federated.compression import Compressor
-from toolkit.federated.config import FedConfig
-from toolkit.federated.executors import EXECUTORS
+from toolkit.federated.config import LOSSES, FedConfig
+from toolkit.federated.executors import make_executor
 from toolkit.parties import flat_state, load_flat_state
 from toolkit.provenance import from_plain, load_checkpoint, manifest, packet_classes, save_checkpoint, to_plain
 from toolkit.validate import non_negative_int
@@ -32,11 +33,16 @@ class FederatedProtocol:
 
     Args:
         model: the global model (its current weights are the starting point; it is updated in place).
-        clients: one dataset per client (e.g. from :func:`toolkit.data.partition`) or a ClientData.
+        clients: one dataset per client (e.g. from :func:`toolkit.data.partition`) or a ClientData;
+            class labels for a classification loss, float targets for a regression one
+            (``config.loss``), checked once here (see :class:`ClientData`).
         test: a dataset whose ``x_test``/``y_test`` the server evaluates on (default: the first
             client's test split, which partitions share).
         config: a :class:`FedConfig`.
         wire: the Wire updates cross (kind ``"update"``) and weights come down (kind ``"weights"``).
+            Clients train from what it delivers: without transforms one broadcast every sampled
+            client shares; with transforms a stacked send, one row per sampled client, so a
+            per-row transform (noise drawn per client) gives each client its own weights.
         aggregator: name in ``AGGREGATORS`` or an Aggregator (robust aggregation).
         compressor: a Compressor applied to uploads (e.g. ``TopK(0.01)``), or None.
         malicious: client index -> callable rewriting that client's update rows
@@ -50,12 +56,20 @@ class FederatedProtocol:
                  aggregator: Aggregator | str = "mean", compressor: Compressor | None = None,
                  malicious: Mapping[int, Callable[..., Tensor]] | None = None):
         self.config = config or FedConfig()
+        if not isinstance(self.config, FedConfig):
+            raise TypeError(f"config must be a FedConfig, got {type(self.config).__name__}")
+        self.loss = LOSSES[self.config.loss]
+        regression = not self.loss.classification
         self.model = model
-        self.data = clients if isinstance(clients, ClientData) else ClientData(clients)
+        self.data = clients if isinstance(clients, ClientData) else ClientData(clients, regression=regression)
+        if self.data.regression != regression:
+            raise ValueError(f"loss {self.config.loss!r} needs {'float targets' if regression else 'class labels'}, "
+                             f"but the ClientData holds {'float targets' if self.data.regression else 'class labels'}: "
+                             f"build it with ClientData(..., regression={regression})")
         test = test if test is not None else (clients[0] if not isinstance(clients, ClientData) else None)
         if test is None or not hasattr(test, "x_test"):
             raise ValueError("the server needs a test set: pass test=<a dataset with x_test and y_test>")
-        self.x_test, self.y_test = test.x_test, test.y_test
+        self.x_test, self.y_test = self._check_test(test.x_test, test.y_test)
         self.wire = wire if wire is not None else Wire(record=self.config.record)
         if isinstance(aggregator, str):
             if aggregator not in AGGREGATORS:
@@ -67,16 +81,30 @@ class FederatedProtocol:
         bad = [c for c in self.malicious if not 0 <= c < len(self.data)]
         if bad:
             raise ValueError(f"malicious client indices {bad} are not clients (there are {len(self.data)})")
-        if self.config.executor not in EXECUTORS:
-            raise ValueError(f"unknown executor {self.config.executor!r}; choose one of {sorted(EXECUTORS)}")
-        self.executor = EXECUTORS[self.config.executor]()
+        self.executor = make_executor(self.config)
         self.weights = flat_state(model).clone()  # (P,) global weights: parameters, then floating buffers
         self._check_model()
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.round = 0
         self.history = pd.DataFrame()
 
+    def _check_test(self, x: Any, y: Any) -> tuple[Tensor, Tensor]:
+        """The server's test set, checked like the clients' data."""
+        x = validate.finite(validate.tensor(x, "x_test", min_dim=1), "x_test")
+        if self.loss.classification:
+            y = validate.labels(y, "y_test", length=len(x))
+        else:
+            y = validate.finite(validate.tensor(y, "y_test", min_dim=1), "y_test")
+            if not y.is_floating_point() or len(y) != len(x) or y.shape[1:] != self.data.y.shape[2:]:
+                raise ValueError(f"y_test must hold one float target {tuple(self.data.y.shape[2:])} per test input, "
+                                 f"got {tuple(y.shape)} {y.dtype} for {len(x)} inputs")
+        if tuple(x.shape[1:]) != self.data.shape:
+            raise ValueError(f"x_test holds inputs of shape {tuple(x.shape[1:])}, the clients' are {self.data.shape}")
+        return x, y
+
     def _check_model(self) -> None:
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError("the model has no parameter to train (every requires_grad is False)")
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()  # no BatchNorm statistics change
         try:
@@ -87,7 +115,13 @@ class FederatedProtocol:
         finally:
             for m, mode in modes:
                 m.train(mode)
-        n_classes = int(self.data.y.max()) + 1
+        if not self.loss.classification:
+            target = self.data.y.shape[2:].numel()
+            if out[0].numel() != target:
+                raise ValueError(f"the model outputs {tuple(out.shape[1:])} per sample but the targets hold "
+                                 f"{tuple(self.data.y.shape[2:])} ({target} values)")
+            return
+        n_classes = max(int(self.data.y.max()), int(self.y_test.max()) if len(self.y_test) else 0) + 1
         if out.dim() != 2 or out.shape[1] < n_classes:
             raise ValueError(f"the model outputs {tuple(out.shape[1:])} per sample but the labels have "
                              f"{n_classes} classes")
@@ -98,17 +132,38 @@ class FederatedProtocol:
         return plan_round(self.data, fraction=c.fraction, dropout=c.dropout, epochs=c.local_epochs,
                           generator=self.generator, clients=clients)
 
-    def _download(self, weights: Tensor, clients: Tensor) -> int:
-        before = self.wire.total_bytes
-        names = tuple(self.data.names[i] for i in clients.tolist())
-        if names:
-            self.wire.broadcast(weights, sender="server", receivers=names, kind="weights")
-        return self.wire.total_bytes - before
+    def _download(self, weights: Tensor, plan: RoundPlan) -> tuple[Tensor, int]:
+        """Send ``weights`` (P,) to every sampled client, dropped ones included (they were sent
+        them). Returns (what the training clients received: (P,) when all got the same, else
+        (M, P) in plan order; bytes down).
 
-    def _local_train(self, weights: Tensor, plan: RoundPlan, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The training clients' updates (M, P), after malicious clients rewrote theirs (written
-        into ``out`` when given)."""
-        updates, losses = self.executor.train(self.model, weights, self.data, plan, self.config, out)
+        Without transforms on the wire one broadcast serves everyone; with transforms the server
+        sends a stacked tensor, one row per receiver, so a per-row transform gives each client its
+        own weights. Both count the same bytes."""
+        sampled = plan.sampled_clients
+        names = tuple(self.data.names[i] for i in sampled.tolist())
+        if not names:
+            return weights, 0
+        before = self.wire.total_bytes
+        if not self.wire.transforms:
+            received = self.wire.broadcast(weights, sender="server", receivers=names, kind="weights")
+            return received, self.wire.total_bytes - before
+        rows = self.wire.send(weights.expand(len(names), len(weights)), sender="server", receiver=names,
+                              kind="weights")
+        if not isinstance(rows, Tensor) or rows.shape != (len(names), len(weights)):
+            shape = tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
+            raise ValueError(f"the wire's transforms turned the weights for {len(names)} clients, "
+                             f"({len(names)}, {len(weights)}), into {shape}: a transform on kind 'weights' "
+                             f"must keep the shape")
+        if rows.stride(0) == 0 or len(rows) == 1:  # one row, or all rows one tensor (no transform touched them)
+            return rows[0], self.wire.total_bytes - before
+        return rows[torch.searchsorted(sampled, plan.clients)], self.wire.total_bytes - before
+
+    def _local_train(self, start: Tensor, plan: RoundPlan, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The training clients' updates (M, P), each relative to the weights it received
+        (``start``: (P,) or (M, P), from :meth:`_download`), after malicious clients rewrote
+        theirs (written into ``out`` when given)."""
+        updates, losses = self.executor.train(self.model, start, self.data, plan, self.config, out)
         load_flat_state(self.model, self.weights)
         for fn in {id(f): f for f in self.malicious.values()}.values():
             bad = torch.tensor([c for c, f in self.malicious.items() if f is fn])
@@ -154,7 +209,8 @@ class FederatedProtocol:
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Test loss and accuracy of the global model (on the server's test set)."""
+        """Test loss (the configured loss) of the global model on the server's test set, and
+        its accuracy for a classification loss."""
         load_flat_state(self.model, self.weights)
         self.model.eval()
         loss, correct = 0.0, 0
@@ -162,10 +218,12 @@ class FederatedProtocol:
             x = self.x_test[lo:lo + self.config.eval_batch_size]
             y = self.y_test[lo:lo + self.config.eval_batch_size]
             out = self.model(x)
-            loss += float(F.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
+            loss += float(self.loss.per_sample(out, y).sum())
+            if self.loss.classification:
+                correct += int((out.argmax(1) == y).sum())
         self.model.train()
-        return {"test_loss": loss / len(self.y_test), "accuracy": correct / len(self.y_test)}
+        n = max(1, len(self.y_test))
+        return {"test_loss": loss / n, "accuracy": correct / n} if self.loss.classification else {"test_loss": loss / n}
 
     def _record(self, rows: list[dict[str, Any]]) -> pd.DataFrame:
         frame = pd.DataFrame(rows)
@@ -177,6 +235,7 @@ class FederatedProtocol:
     def manifest(self) -> dict[str, Any]:
         """Versions, seed, full config and the protocol's parts, for tracing a result."""
         return manifest(self.config, protocol=type(self).__name__, round=self.round,
+                        executor=self._executor_ran(), executor_fallback=getattr(self.executor, "fallback", None),
                         aggregator=repr(self.aggregator), compressor=repr(self.compressor),
                         malicious={c: repr(f) for c, f in self.malicious.items()},
                         clients=len(self.data), parameters=len(self.weights))
@@ -270,8 +329,14 @@ class FederatedProtocol:
             raise ValueError("the checkpoint holds a compressor's state, this run has no compressor")
         self._load_extra_state(state)
 
+    def _executor_ran(self) -> str:
+        """The executor that trained the last round (the configured one before any round)."""
+        return getattr(self.executor, "ran", None) or self.executor.name
+
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.data!r}, round {self.round}, executor={self.executor.name}, "
+        ran = self._executor_ran()
+        executor = ran if ran == self.executor.name else f"{ran} ({self.executor.name} fell back)"
+        return (f"{type(self).__name__}({self.data!r}, round {self.round}, executor={executor}, "
                 f"aggregator={self.aggregator!r}, compressor={self.compressor!r}, "
                 f"{len(self.malicious)} malicious)")
 

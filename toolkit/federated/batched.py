@@ -2,10 +2,11 @@
 
 ``vmap(grad(...))`` is general but lays some batched products out badly on CPU (its weight
 gradient runs about 1.4x slower here than the same product on contiguous operands). For the
-most common federated model, a stack of Flatten / Linear / ReLU / Sigmoid / Tanh, this module
-computes the same per-client loss and gradients with batched matrix products on good layouts.
-The vectorized executor uses it when a model qualifies and ``vmap`` otherwise; tests check that
-both give the same numbers.
+most common federated model, a stack of Flatten / Linear / ReLU / Sigmoid / Tanh whose
+parameters all train, this module computes the same per-client loss (cross-entropy or mean
+squared error) and gradients with batched matrix products on good layouts. The vectorized
+executor uses it when a model and loss qualify and ``vmap`` otherwise; tests check that both
+give the same numbers as the sequential reference.
 """
 from __future__ import annotations
 
@@ -23,18 +24,50 @@ _ACTIVATIONS: dict[type, tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Ten
 }
 
 
-class BatchedMLP:
-    """Per-client masked cross-entropy and its gradients for an MLP, all clients at once.
+def _cross_entropy_head(logits: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Masked mean cross-entropy per client (C,) and its gradient w.r.t. the logits (C, b, K)."""
+    logp = F.log_softmax(logits, dim=-1)  # (C, b, K)
+    n = mask.sum(1).clamp(min=1)  # (C,)
+    ce = -logp.gather(2, y.unsqueeze(2)).squeeze(2)  # (C, b)
+    loss = (ce * mask).sum(1) / n
+    g = logp.exp()
+    g.scatter_add_(2, y.unsqueeze(2), torch.full_like(ce, -1.0).unsqueeze(2))
+    g.mul_((mask / n[:, None]).unsqueeze(2))
+    return loss, g
 
-    Call with stacked parameters (name -> (C, *shape)), inputs (C, b, ...), labels (C, b) and a
-    mask (C, b) of real samples; returns (gradients by name, each client's loss (C,)), as
-    ``vmap(grad(loss, has_aux=True))`` over the same loss would.
+
+def _mse_head(out: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Masked mean over samples of the per-sample mean squared error (C,), and its gradient."""
+    c, b, k = out.shape
+    diff = out - y.reshape(c, b, k)  # (C, b, K)
+    n = mask.sum(1).clamp(min=1)  # (C,)
+    loss = (diff.pow(2).mean(2) * mask).sum(1) / n
+    g = diff.mul_((mask / n[:, None]).unsqueeze(2) * (2.0 / k))
+    return loss, g
+
+
+# loss name (FedConfig.loss) -> head: (outputs, targets, mask) -> (loss per client, dLoss/doutputs)
+_HEADS: dict[str, Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]] = {
+    "cross_entropy": _cross_entropy_head,
+    "mse": _mse_head,
+}
+
+
+class BatchedMLP:
+    """Per-client masked loss and its gradients for an MLP, all clients at once.
+
+    Call with stacked parameters (name -> (C, *shape)), inputs (C, b, ...), targets (C, b[, ...])
+    and a mask (C, b) of real samples; returns (gradients by name, each client's loss (C,)), as
+    ``vmap(grad(loss, has_aux=True))`` over the same loss would. Losses: those in ``_HEADS``
+    (cross-entropy, mean squared error); any floating dtype.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, loss: str = "cross_entropy"):
         self._buffers: dict[str, Tensor] = {}  # weight gradients, reused: fresh big tensors page-fault
-        if not self.supports(model):
-            raise ValueError(f"BatchedMLP handles Flatten/Linear/ReLU/Sigmoid/Tanh stacks, not {model}")
+        if not self.supports(model, loss):
+            raise ValueError(f"BatchedMLP handles Flatten/Linear/ReLU/Sigmoid/Tanh stacks whose parameters all "
+                             f"train, with a loss in {sorted(_HEADS)}; not {model} with {loss!r}")
+        self.head = _HEADS[loss]
         self.plan: list[tuple[str, object]] = []
         for name, layer in model.named_children():
             if isinstance(layer, nn.Linear):
@@ -43,9 +76,11 @@ class BatchedMLP:
                 self.plan.append(("act", _ACTIVATIONS[type(layer)]))
 
     @staticmethod
-    def supports(model: nn.Module) -> bool:
-        if not isinstance(model, nn.Sequential) or len(model) == 0:
+    def supports(model: nn.Module, loss: str = "cross_entropy") -> bool:
+        if not isinstance(model, nn.Sequential) or len(model) == 0 or loss not in _HEADS:
             return False
+        if not all(p.requires_grad for p in model.parameters()) or any(True for _ in model.buffers()):
+            return False  # frozen parameters and buffers take the vmap path
         layers = list(model.children())
         body = layers[1:] if isinstance(layers[0], nn.Flatten) and layers[0].start_dim == 1 else layers
         return (bool(body) and isinstance(body[-1], nn.Linear)
@@ -53,7 +88,7 @@ class BatchedMLP:
 
     def __call__(self, params: dict[str, Tensor], x: Tensor, y: Tensor, mask: Tensor,
                  anchor: dict[str, Tensor], mu: float) -> tuple[dict[str, Tensor], Tensor]:
-        c, b = y.shape
+        c, b = mask.shape
         a = x.reshape(c, b, -1)  # (C, b, features)
         saved = []  # per layer: its input (linear) or its output (activation)
         for kind, spec in self.plan:
@@ -66,13 +101,7 @@ class BatchedMLP:
             else:
                 a = spec[0](a)  # type: ignore[index]
                 saved[-1] = a
-        logp = F.log_softmax(a, dim=-1)  # (C, b, K)
-        n = mask.sum(1).clamp(min=1)  # (C,)
-        ce = -logp.gather(2, y.unsqueeze(2)).squeeze(2)  # (C, b)
-        loss = (ce * mask).sum(1) / n
-        g = logp.exp()
-        g.scatter_add_(2, y.unsqueeze(2), torch.full_like(ce, -1.0).unsqueeze(2))
-        g.mul_((mask / n[:, None]).unsqueeze(2))  # dLoss/dlogits (C, b, K)
+        loss, g = self.head(a, y, mask)  # g: dLoss/doutputs (C, b, K)
         grads: dict[str, Tensor] = {}
         for i in range(len(self.plan) - 1, -1, -1):
             kind, spec = self.plan[i]
@@ -81,7 +110,7 @@ class BatchedMLP:
                 continue
             w_name, b_name = spec  # type: ignore[misc]
             w = params[w_name]
-            grads[w_name] = torch.bmm(g.transpose(1, 2), saved[i], out=self._buffer(w_name, w.shape))  # (C, out, in)
+            grads[w_name] = torch.bmm(g.transpose(1, 2), saved[i], out=self._buffer(w_name, w))  # (C, out, in)
             if b_name is not None:
                 grads[b_name] = g.sum(1)
             if i > 0:
@@ -91,9 +120,10 @@ class BatchedMLP:
                 grads[name] = grads[name].add(p - anchor[name], alpha=mu)
         return grads, loss
 
-    def _buffer(self, name: str, shape: torch.Size) -> Tensor:
-        """A reused output for ``name``'s gradient: the caller consumes it before the next call."""
+    def _buffer(self, name: str, like: Tensor) -> Tensor:
+        """A reused output shaped and typed like ``like`` for ``name``'s gradient: the caller
+        consumes it before the next call."""
         buf = self._buffers.get(name)
-        if buf is None or buf.shape[1:] != shape[1:] or len(buf) < shape[0]:
-            buf = self._buffers[name] = torch.empty(shape)
-        return buf[:shape[0]]
+        if buf is None or buf.shape[1:] != like.shape[1:] or len(buf) < len(like) or buf.dtype != like.dtype:
+            buf = self._buffers[name] = torch.empty(like.shape, dtype=like.dtype)
+        return buf[:len(like)]

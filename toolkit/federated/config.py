@@ -1,7 +1,42 @@
-"""FedConfig: the training settings of a federated run, one comment per default."""
+"""FedConfig: the training settings of a federated run, one comment per default; LOSSES: the
+local-training and evaluation losses it can name."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from toolkit import validate
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A per-sample loss and what its targets are.
+
+    ``per_sample(outputs (B, ...), targets (B, ...)) -> (B,)``; a batch's loss is its mean.
+    ``classification``: targets are class indices (integer labels, accuracy is reported);
+    otherwise they are float tensors with as many values per sample as the model outputs.
+    """
+
+    per_sample: Callable[[Tensor, Tensor], Tensor]
+    classification: bool
+
+
+def _cross_entropy(out: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def _mse(out: Tensor, y: Tensor) -> Tensor:
+    """Mean squared error per sample, over all of its output values."""
+    return (out.reshape(len(out), -1) - y.reshape(len(y), -1)).pow(2).mean(1)
+
+
+LOSSES: dict[str, Loss] = {
+    "cross_entropy": Loss(_cross_entropy, classification=True),
+    "mse": Loss(_mse, classification=False),
+}
 
 
 @dataclass
@@ -11,47 +46,60 @@ class FedConfig:
     FedProx is ``mu > 0`` (Li et al., "Federated optimization in heterogeneous networks", 2020);
     FedAvgM and FedAdam are ``server_optimizer="fedavgm"`` / ``"fedadam"`` (Hsu et al., 2019;
     Reddi et al., "Adaptive federated optimization", 2021).
+
+    Example:
+        >>> FedConfig(loss="mse", chunk_bytes=2**20).loss
+        'mse'
+        >>> FedConfig(batch_size=2.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: batch_size must be a positive int, got 2.5
     """
 
     fraction: float = 1.0            # share of clients sampled each round, in (0, 1]
     local_epochs: int = 1            # passes of each client over its data per round
     batch_size: int = 32             # samples per local step
     lr: float = 0.05                 # client SGD learning rate
-    momentum: float = 0.0            # client SGD momentum (buffers start fresh every round)
+    momentum: float = 0.0            # client SGD momentum in [0, 1) (buffers start fresh every round)
     weight_decay: float = 0.0        # client SGD weight decay
     mu: float = 0.0                  # FedProx proximal weight; 0 is plain FedAvg
+    loss: str = "cross_entropy"      # local training and evaluation loss, a name in LOSSES ("mse": float targets)
     server_optimizer: str = "fedavg"  # "fedavg", "fedavgm" or "fedadam"
     server_lr: float = 1.0           # step size applied to the aggregated update
-    server_momentum: float = 0.9     # FedAvgM momentum
-    server_betas: tuple[float, float] = (0.9, 0.99)  # FedAdam moment decays
+    server_momentum: float = 0.9     # FedAvgM momentum, in [0, 1)
+    server_betas: tuple[float, float] = (0.9, 0.99)  # FedAdam moment decays, each in [0, 1)
     server_tau: float = 1e-3         # FedAdam adaptivity (epsilon)
-    dropout: float = 0.0             # probability that a sampled client drops out before answering
+    dropout: float = 0.0             # probability that a sampled client drops out before answering, in [0, 1)
     executor: str = "vectorized"     # "vectorized" (torch.func, all clients at once) or "sequential"
+    chunk_bytes: int = 64 * 2**20    # vectorized executor: working memory per pass; more clients train in more passes
+    hand_written_mlp: bool = True    # vectorized executor: hand-written batched gradients for plain MLPs (else vmap)
     eval_every: int = 1              # evaluate the global model every this many rounds
     eval_batch_size: int = 2048      # samples per evaluation step
     record: bool = True              # keep a transcript on the wire (bytes are counted either way)
     seed: int = 0                    # seeds sampling, dropouts, data order and randomized defenses
 
     def __post_init__(self) -> None:
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must lie in (0, 1], got {self.fraction}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
-        for name in ("local_epochs", "batch_size", "eval_every", "eval_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("lr", "server_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        validate.number("fraction", self.fraction, low=0.0, high=1.0, low_open=True)
+        validate.fraction("dropout", self.dropout)
+        for name in ("local_epochs", "batch_size", "eval_every", "eval_batch_size", "chunk_bytes"):
+            validate.positive_int(name, getattr(self, name))
+        for name in ("lr", "server_lr", "server_tau"):
+            validate.positive(name, getattr(self, name))
         for name in ("momentum", "server_momentum"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
-        if self.mu < 0 or self.weight_decay < 0:
-            raise ValueError(f"mu and weight_decay must be non-negative, got {self.mu} and {self.weight_decay}")
-        if not all(0 <= b < 1 for b in self.server_betas) or len(self.server_betas) != 2:
-            raise ValueError(f"server_betas must be two values in [0, 1), got {self.server_betas}")
+            validate.fraction(name, getattr(self, name))
+        for name in ("mu", "weight_decay"):
+            validate.non_negative(name, getattr(self, name))
+        if not isinstance(self.server_betas, (tuple, list)) or len(self.server_betas) != 2:
+            raise ValueError(f"server_betas must be two values in [0, 1), got {self.server_betas!r}")
+        for i, beta in enumerate(self.server_betas):
+            validate.fraction(f"server_betas[{i}]", beta)
         self.server_betas = tuple(self.server_betas)  # type: ignore[assignment]  (JSON round-trips give lists)
+        validate.non_negative_int("seed", self.seed)
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {sorted(LOSSES)}")
+        for name in ("hand_written_mlp", "record"):  # toolkit.validate has no bool check
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @classmethod
     def smoke(cls) -> FedConfig:

@@ -1,10 +1,16 @@
 """Local training of a round's clients: a sequential reference and a vectorized executor.
 
 Both run, for every training client, ``local_epochs`` passes of SGD (momentum, weight decay,
-FedProx term) over its data in the order the round plan fixed, starting from the global
-weights, and return the clients' updates (new weights minus global weights) as one (M, P)
-tensor. The vectorized executor does all clients at once with ``torch.func`` (``functional_call``
-and ``vmap`` over stacked weights, per-client batches stacked), and gives the same numbers.
+FedProx term) on the configured loss (``FedConfig.loss``) over its data in the order the round
+plan fixed, starting from the weights that client received, and return the clients' updates
+(new weights minus the weights each received) as one (M, P) tensor. The starting weights are
+(P,) when every client received the same, or (M, P), one row per training client in plan order.
+Parameters with ``requires_grad=False`` do not move.
+
+The vectorized executor does all clients at once with ``torch.func`` (``functional_call`` and
+``vmap`` over stacked weights, per-client batches stacked) and gives the same numbers; a model
+it cannot run exactly falls back to the sequential reference with one warning that says why,
+and ``executor.ran`` names the executor that actually trained.
 """
 from __future__ import annotations
 
@@ -12,21 +18,25 @@ import warnings
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from toolkit import validate
 from toolkit.federated.batched import BatchedMLP
 from toolkit.federated.clients import ClientData, RoundPlan
-from toolkit.federated.config import FedConfig
+from toolkit.federated.config import LOSSES, FedConfig
 from toolkit.parties import flat_state, load_flat_state
 
 
 class Executor(Protocol):
-    def train(self, model: nn.Module, weights: Tensor, data: ClientData, plan: RoundPlan,
+    name: str   # what was asked for
+    ran: str | None  # what trained the last call ("sequential" after a fallback); None before any
+
+    def train(self, model: nn.Module, start: Tensor, data: ClientData, plan: RoundPlan,
               config: FedConfig, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Returns (updates (M, P), mean training loss per client (M,)); writes the updates into
-        ``out`` when given (a buffer the caller reuses between rounds)."""
+        """Returns (updates (M, P) relative to each client's start, mean training loss per client
+        (M,)) and leaves ``model`` as it found it; ``start`` is (P,) or (M, P); writes the updates
+        into ``out`` when given (a buffer the caller reuses between rounds)."""
 
 
 class SequentialExecutor:
@@ -34,44 +44,68 @@ class SequentialExecutor:
 
     name = "sequential"
 
-    def train(self, model: nn.Module, weights: Tensor, data: ClientData, plan: RoundPlan,
+    def __init__(self) -> None:
+        self.ran: str | None = None
+
+    @classmethod
+    def from_config(cls, config: FedConfig) -> SequentialExecutor:
+        return cls()
+
+    def train(self, model: nn.Module, start: Tensor, data: ClientData, plan: RoundPlan,
               config: FedConfig, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        updates = _output(out, len(plan.clients), weights)
-        losses = torch.zeros(len(plan.clients), dtype=torch.float64)
-        anchor: list[Tensor] = []
+        before = flat_state(model)
+        m = len(plan.clients)
+        _check_start(start, m, len(before))
+        updates = _output(out, m, before)
+        losses = torch.zeros(m, dtype=torch.float64)
+        per_sample = LOSSES[config.loss].per_sample
         model.train()
         for row, (client, count) in enumerate(zip(plan.clients.tolist(), plan.counts.tolist())):
-            load_flat_state(model, weights)
-            if config.mu:
-                anchor = [p.detach().clone() for p in model.parameters()]
-            opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+            received = start if start.dim() == 1 else start[row]
+            load_flat_state(model, received)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            anchor = [p.detach().clone() for p in trainable] if config.mu else []
+            opt = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
                                   weight_decay=config.weight_decay)
             total, steps = 0.0, 0
             for order in plan.orders:
                 for batch in order[row, :count].split(config.batch_size):
                     opt.zero_grad(set_to_none=True)
-                    loss = F.cross_entropy(model(data.x[client, batch]), data.y[client, batch])
+                    loss = per_sample(model(data.x[client, batch]), data.y[client, batch]).mean()
                     total += float(loss.detach())
                     steps += 1
                     if config.mu:
-                        loss = loss + config.mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                        loss = loss + config.mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchor))
                     loss.backward()
                     opt.step()
-            updates[row] = flat_state(model) - weights
+            updates[row] = flat_state(model) - received
             losses[row] = total / steps
-        load_flat_state(model, weights)
+        load_flat_state(model, before)
+        self.ran = self.name
         return updates, losses
 
 
-def unsupported(model: nn.Module) -> str | None:
-    """Why ``model`` cannot be trained per client under ``vmap`` with identical results, or None."""
+def unsupported(model: nn.Module, data: ClientData | None = None, config: FedConfig | None = None) -> str | None:
+    """Why ``model`` cannot be trained per client under ``vmap`` with the sequential reference's
+    numbers, or None. With ``data`` and ``config``, BatchNorm without running statistics is
+    accepted when no padding ever enters a batch (every client's sample count is a multiple of
+    the batch size or the largest count)."""
     for name, module in model.named_modules():
+        label = f"{name or 'the model'} ({type(module).__name__})"
         if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
-            return (f"{name or 'the model'} ({type(module).__name__}) keeps running statistics, "
-                    f"per-client state that vmap cannot update in place")
+            return f"{label} keeps running statistics, per-client state that vmap cannot update in place"
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-            return (f"{name or 'the model'} ({type(module).__name__}) draws random masks that would "
-                    f"differ from the sequential reference")
+            return f"{label} draws random masks that would differ from the sequential reference"
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if data is None or config is None:
+                return f"{label} normalizes with batch statistics, which padded batches would change"
+            counts = data.counts
+            partial = ((counts % config.batch_size != 0) & (counts != counts.max())).nonzero().flatten()
+            if len(partial):
+                c = int(partial[0])
+                return (f"{label} normalizes with batch statistics, and client:{c}'s {int(counts[c])} samples "
+                        f"leave a partial batch of {int(counts[c]) % config.batch_size} that the vectorized "
+                        f"pass pads to the others' batch (the padding would enter the statistics)")
     return None
 
 
@@ -80,23 +114,62 @@ class VectorizedExecutor:
 
     Clients with fewer samples than others sit out the steps they have no batch for (their
     weights and momentum do not move), so each client sees exactly the batches of the
-    sequential reference. Models it cannot vectorize (BatchNorm in train mode, Dropout) fall
-    back to :class:`SequentialExecutor` with a warning that says why.
+    sequential reference. Models it cannot run exactly (BatchNorm with running statistics,
+    Dropout modules, BatchNorm batch statistics over padded batches, anything ``vmap`` refuses
+    such as functional dropout or ``.item()``) fall back to :class:`SequentialExecutor` with
+    one warning that says why; ``ran`` then says ``"sequential"`` and ``fallback`` the reason.
+
+    Args:
+        chunk_bytes: working memory per pass (weights, gradients and a batch per client); more
+            clients than fit are trained in several passes (``FedConfig.chunk_bytes``).
+        hand_written_mlp: use :class:`~toolkit.federated.batched.BatchedMLP` for plain MLPs
+            (all parameters trained, a loss it implements) instead of ``vmap``
+            (``FedConfig.hand_written_mlp``).
     """
 
     name = "vectorized"
 
     def __init__(self, chunk_bytes: int = 64 * 2**20, *, hand_written_mlp: bool = True) -> None:
-        """``chunk_bytes``: working memory per pass (weights, gradients and a batch per client);
-        more clients than fit are trained in several passes. ``hand_written_mlp``: use
-        :class:`~toolkit.federated.batched.BatchedMLP` for plain MLPs instead of ``vmap``."""
-        if chunk_bytes < 1:
-            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes = validate.positive_int("chunk_bytes", chunk_bytes)
+        if not isinstance(hand_written_mlp, bool):
+            raise ValueError(f"hand_written_mlp must be True or False, got {hand_written_mlp!r}")
         self.hand_written_mlp = hand_written_mlp
-        self._fallback: SequentialExecutor | None = None
-        self._grad_fns: dict[tuple[int, bool], object] = {}
+        self.ran: str | None = None
+        self.fallback: str | None = None  # why the last call ran sequentially, or None
+        self.path: str | None = None  # how the last vectorized pass got gradients: "hand-written MLP" or "vmap"
+        self._reasons: dict[tuple, str | None] = {}  # (model, data, batch size) -> why not vectorized
+        self._sequential = SequentialExecutor()
+        self._grad_fns: dict[tuple, tuple[str, object]] = {}  # -> (path, gradient function)
         self._batch: Tensor | None = None  # reused gather buffer: big fresh allocations page-fault
+
+    @classmethod
+    def from_config(cls, config: FedConfig) -> VectorizedExecutor:
+        return cls(config.chunk_bytes, hand_written_mlp=config.hand_written_mlp)
+
+    def train(self, model: nn.Module, start: Tensor, data: ClientData, plan: RoundPlan,
+              config: FedConfig, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        key = (id(model), id(data), config.batch_size)
+        if key not in self._reasons:
+            self._reasons[key] = unsupported(model, data, config)
+            if self._reasons[key] is not None:
+                self._warn(self._reasons[key])  # type: ignore[arg-type]
+        if self._reasons[key] is None:
+            try:
+                result = self._train(model, start, data, plan, config, out)
+                self.ran, self.fallback = self.name, None
+                return result
+            except (RuntimeError, NotImplementedError) as err:  # vmap cannot run this model
+                reason = f"vmap cannot run it ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+                self._reasons[key] = reason
+                self._warn(reason)
+        result = self._sequential.train(model, start, data, plan, config, out)
+        self.ran, self.fallback, self.path = self._sequential.name, self._reasons[key], None
+        return result
+
+    @staticmethod
+    def _warn(reason: str) -> None:
+        warnings.warn(f"the vectorized executor cannot train this model exactly: {reason}; "
+                      f"falling back to the sequential executor", UserWarning, stacklevel=5)
 
     def _gather(self, rows: Tensor, idx: Tensor) -> Tensor:
         """``rows[idx]`` written into a buffer kept between steps (a step's graph is gone by the next)."""
@@ -106,89 +179,100 @@ class VectorizedExecutor:
         out = self._batch[:size].view(len(idx), *rows.shape[1:])
         return torch.index_select(rows, 0, idx, out=out)
 
-    def train(self, model: nn.Module, weights: Tensor, data: ClientData, plan: RoundPlan,
-              config: FedConfig, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        reason = unsupported(model)
-        if reason is not None:
-            if self._fallback is None:
-                warnings.warn(f"the vectorized executor cannot vectorize this model: {reason}; "
-                              f"falling back to the sequential executor", stacklevel=3)
-                self._fallback = SequentialExecutor()
-            return self._fallback.train(model, weights, data, plan, config, out)
-        return self._train(model, weights, data, plan, config, out)
-
-    def _grad_fn(self, model: nn.Module, prox: bool):
-        key = (id(model), prox)
-        if key not in self._grad_fns and self.hand_written_mlp and BatchedMLP.supports(model):
-            self._grad_fns[key] = BatchedMLP(model)
+    def _grad_fn(self, model: nn.Module, config: FedConfig, per_client_anchor: bool, trainable: tuple[str, ...]):
+        """``fn(params, fixed, x, y, mask, anchor, mu) -> (gradients, loss per client)``; sets ``path``."""
+        prox = config.mu > 0
+        key = (id(model), prox, per_client_anchor and prox, config.loss, trainable, self.hand_written_mlp)
         if key not in self._grad_fns:
-            def loss_fn(params, x, y, mask, anchor, mu):
-                out = functional_call(model, params, (x,))  # (B, classes)
-                per_sample = F.cross_entropy(out, y, reduction="none")  # (B,)
-                loss = (per_sample * mask).sum() / mask.sum().clamp(min=1)
-                total = loss
-                if prox:
-                    total = total + mu / 2 * sum(((params[k] - anchor[k]) ** 2).sum() for k in params)
-                return total, loss.detach()
-            in_dims = (0, 0, 0, 0, None, None)
-            self._grad_fns[key] = vmap(grad(loss_fn, has_aux=True), in_dims=in_dims)
-        return self._grad_fns[key]
+            self._grad_fns[key] = self._make_grad_fn(model, config, per_client_anchor and prox)
+        self.path, fn = self._grad_fns[key]
+        return fn
 
-    def _train(self, model: nn.Module, weights: Tensor, data: ClientData, plan: RoundPlan,
+    def _make_grad_fn(self, model: nn.Module, config: FedConfig, per_client_anchor: bool) -> tuple[str, object]:
+        if self.hand_written_mlp and BatchedMLP.supports(model, config.loss):
+            mlp = BatchedMLP(model, config.loss)
+            return "hand-written MLP", lambda params, fixed, x, y, mask, anchor, mu: mlp(params, x, y, mask, anchor, mu)
+        prox = config.mu > 0
+        per_sample = LOSSES[config.loss].per_sample
+
+        def loss_fn(params, fixed, x, y, mask, anchor, mu):
+            out = functional_call(model, {**params, **fixed}, (x,))  # (B, ...) outputs
+            loss = (per_sample(out, y) * mask).sum() / mask.sum().clamp(min=1)
+            total = loss
+            if prox:
+                total = total + mu / 2 * sum(((params[k] - anchor[k]) ** 2).sum() for k in params)
+            return total, loss.detach()
+
+        in_dims = (0, 0, 0, 0, 0, 0 if per_client_anchor else None, None)
+        return "vmap", vmap(grad(loss_fn, has_aux=True), in_dims=in_dims)
+
+    def _train(self, model: nn.Module, start: Tensor, data: ClientData, plan: RoundPlan,
                config: FedConfig, out: Tensor | None) -> tuple[Tensor, Tensor]:
+        layout = _layout(model)
+        p = sum(shape.numel() for _, shape, _ in layout)
         m = len(plan.clients)
-        load_flat_state(model, weights)
-        model.train()
-        start = {n: p.detach() for n, p in model.named_parameters()}
-        n_params = sum(p.numel() for p in start.values())
+        _check_start(start, m, p)
+        dtype = flat_state(model).dtype
         # Clients train in chunks that fit the memory budget, in place inside the output: each
-        # parameter is a view into a chunk's rows, and the rows become the updates at the end.
-        updates = _output(out, m, weights)  # (M, P)
-        updates[:, n_params:] = 0  # floating buffers: a vectorizable model never changes them
+        # state tensor is a view into a chunk's rows, and the rows become the updates at the end.
+        updates = _output(out, m, torch.empty(p, dtype=dtype))  # (M, P)
         losses = torch.empty(m, dtype=torch.float64)
-        per_client = 4 * (n_params * (3 if config.momentum else 2) + config.batch_size * data.x[0, 0].numel())
+        n_train = sum(shape.numel() for _, shape, trains in layout if trains)
+        per_client = (updates.element_size() * (p + n_train * (2 if config.momentum else 1))
+                      + data.x.element_size() * config.batch_size * data.x[0, 0].numel())
         chunk = max(1, self.chunk_bytes // per_client)
         for lo in range(0, m, chunk):
             rows = slice(lo, min(lo + chunk, m))
-            losses[rows] = self._train_chunk(model, start, weights[:n_params], updates[rows, :n_params], data,
-                                             plan, rows, config)
+            losses[rows] = self._train_chunk(model, layout, start if start.dim() == 1 else start[rows],
+                                             updates[rows], data, plan, rows, config)
         return updates, losses
 
-    def _train_chunk(self, model: nn.Module, start: dict[str, Tensor], weights: Tensor, flat: Tensor,
-                     data: ClientData, plan: RoundPlan, rows: slice, config: FedConfig) -> Tensor:
-        """Local training of plan.clients[rows], in place in ``flat`` (C, P); returns mean losses (C,)."""
-        m = len(flat)
-        flat.copy_(weights.expand_as(flat))
-        params, offset = {}, 0
-        for name, p in start.items():
-            params[name] = flat[:, offset:offset + p.numel()].view(m, *p.shape)
-            offset += p.numel()
-        buffers = {n: torch.zeros_like(p) for n, p in params.items()} if config.momentum else {}
-        grad_fn = self._grad_fn(model, prox=config.mu > 0)
+    def _train_chunk(self, model: nn.Module, layout: list, start: Tensor, flat: Tensor, data: ClientData,
+                     plan: RoundPlan, rows: slice, config: FedConfig) -> Tensor:
+        """Local training of plan.clients[rows] from ``start`` ((P,) or (C, P)), in place in
+        ``flat`` (C, P), which ends holding the updates; returns mean losses (C,)."""
+        c = len(flat)
+        flat.copy_(start.expand_as(flat))
+        params, fixed, anchor, offset = {}, {}, {}, 0
+        for name, shape, trains in layout:
+            view = flat[:, offset:offset + shape.numel()].view(c, *shape)
+            (params if trains else fixed)[name] = view
+            if trains and config.mu:
+                anchor[name] = start[..., offset:offset + shape.numel()].view(*start.shape[:-1], *shape)
+            offset += shape.numel()
+        buffers = {n: torch.zeros_like(v) for n, v in params.items()} if config.momentum else {}
+        grad_fn = self._grad_fn(model, config, start.dim() == 2, tuple(params))
         counts = plan.counts[rows]  # (C,)
         n_max = int(counts.max())
         first_row = (plan.clients[rows] * data.x.shape[1])[:, None]  # (C, 1) each client's first row in x_rows
         x_rows = data.x.view(-1, *data.x.shape[2:])  # (N * n_max, ...)
-        y_rows = data.y.view(-1)
-        loss_sum = torch.zeros(m, dtype=torch.float64)
-        steps = torch.zeros(m, dtype=torch.float64)
+        y_rows = data.y.view(-1, *data.y.shape[2:])  # (N * n_max[, ...])
+        loss_sum = torch.zeros(c, dtype=torch.float64)
+        steps = torch.zeros(c, dtype=torch.float64)
         first = True
         for order in plan.orders:
             for lo in range(0, n_max, config.batch_size):
                 hi = min(lo + config.batch_size, n_max)
                 pos = order[rows, lo:hi]  # (C, b) sample positions of this step
-                mask = (torch.arange(lo, hi) < counts[:, None]).to(data.x.dtype)  # (C, b) real samples
+                mask = (torch.arange(lo, hi) < counts[:, None]).to(flat.dtype)  # (C, b) real samples
                 active = counts > lo  # (C,) clients with a batch at this step
                 idx = (first_row + pos).view(-1)
-                x = self._gather(x_rows, idx).view(m, hi - lo, *data.shape)  # (C, b, ...)
-                y = y_rows[idx].view(m, hi - lo)  # (C, b)
-                grads, loss = grad_fn(params, x, y, mask, start, config.mu)
+                x = self._gather(x_rows, idx).view(c, hi - lo, *data.shape)  # (C, b, ...)
+                y = y_rows[idx].view(c, hi - lo, *data.y.shape[2:])  # (C, b[, ...])
+                grads, loss = grad_fn(params, fixed, x, y, mask, anchor, config.mu)
                 loss_sum += torch.where(active, loss.double(), 0.0)
                 steps += active.double()
                 _sgd(params, grads, buffers, active, first, config)
                 first = False
-        flat.sub_(weights)  # the updates
+        flat.sub_(start)  # the updates
         return loss_sum / steps.clamp(min=1)
+
+
+def _layout(model: nn.Module) -> list[tuple[str, torch.Size, bool]]:
+    """(name, shape, trains) of every floating parameter and buffer, in ``flat_state`` order."""
+    params = [(n, t.shape, t.requires_grad) for n, t in model.named_parameters() if t.is_floating_point()]
+    buffers = [(n, t.shape, False) for n, t in model.named_buffers() if t.is_floating_point()]
+    return params + buffers
 
 
 def _sgd(params: dict[str, Tensor], grads: dict[str, Tensor], buffers: dict[str, Tensor], active: Tensor,
@@ -218,12 +302,26 @@ def _sgd(params: dict[str, Tensor], grads: dict[str, Tensor], buffers: dict[str,
             p.addcmul_(g, mask.to(p.dtype), value=-config.lr)
 
 
-def _output(out: Tensor | None, m: int, weights: Tensor) -> Tensor:
+def _check_start(start: Tensor, m: int, p: int) -> None:
+    if not isinstance(start, Tensor) or start.shape not in ((p,), (m, p)):
+        shape = tuple(start.shape) if isinstance(start, Tensor) else type(start).__name__
+        raise ValueError(f"start weights must be ({p},) for everyone or ({m}, {p}), one row per training "
+                         f"client, got {shape}")
+
+
+def _output(out: Tensor | None, m: int, like: Tensor) -> Tensor:
     if out is None:
-        return torch.empty(m, len(weights), dtype=weights.dtype)
-    if out.shape != (m, len(weights)) or out.dtype != weights.dtype:
-        raise ValueError(f"out must be ({m}, {len(weights)}) {weights.dtype}, got {tuple(out.shape)} {out.dtype}")
+        return torch.empty(m, len(like), dtype=like.dtype)
+    if out.shape != (m, len(like)) or out.dtype != like.dtype:
+        raise ValueError(f"out must be ({m}, {len(like)}) {like.dtype}, got {tuple(out.shape)} {out.dtype}")
     return out
 
 
 EXECUTORS = {"sequential": SequentialExecutor, "vectorized": VectorizedExecutor}
+
+
+def make_executor(config: FedConfig) -> SequentialExecutor | VectorizedExecutor:
+    """The executor ``config.executor`` names, built with the config's options."""
+    if config.executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {config.executor!r}; choose one of {sorted(EXECUTORS)}")
+    return EXECUTORS[config.executor].from_config(config)

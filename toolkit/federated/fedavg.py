@@ -20,8 +20,10 @@ class FederatedAveraging(FederatedProtocol):
     FedAdam (``server_optimizer``), robust aggregators, compression and malicious clients.
 
     Each round: sample clients, send them the global weights (kind ``"weights"``), let the ones
-    that do not drop out train locally, receive their updates (kind ``"update"``), aggregate
-    (weighted by sample counts), step the server optimizer, evaluate.
+    that do not drop out train locally from the weights the Wire delivered to them, receive their
+    updates (kind ``"update"``: new weights minus the weights that client received), aggregate
+    (weighted by sample counts), step the server optimizer from the server's own weights, evaluate.
+    A transform on the download thus changes what clients train from, not the server's copy.
 
     Args: see :class:`toolkit.federated.base.FederatedProtocol`; ``delays`` optionally gives
     each round a simulated duration (the slowest training client's delay) in column ``time``.
@@ -55,15 +57,13 @@ class FederatedAveraging(FederatedProtocol):
         start = time.perf_counter()
         self.wire.tick()
         plan = self._plan()
-        sampled = plan.clients if not len(plan.dropped) else plan.clients.new_tensor(
-            sorted(plan.clients.tolist() + plan.dropped.tolist()))
-        bytes_down = self._download(self.weights, sampled)
+        received_weights, bytes_down = self._download(self.weights, plan)
         loss, rejected, bytes_up = float("nan"), 0, 0
         if len(plan.clients):
             m = len(plan.clients)
             if self._updates is None or len(self._updates) < m:
                 self._updates = torch.empty(max(m, plan.sampled), len(self.weights), dtype=self.weights.dtype)
-            updates, losses = self._local_train(self.weights, plan, out=self._updates[:m])
+            updates, losses = self._local_train(received_weights, plan, out=self._updates[:m])
             received, kept, bytes_up = self._upload(updates, plan.clients)
             rejected = len(plan.clients) - len(kept)
             loss = float(losses.mean())
