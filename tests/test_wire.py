@@ -172,3 +172,14 @@ def test_load_state_dict_refuses_a_malformed_state_and_keeps_the_wire():
         with pytest.raises(ValueError, match=message):
             target.load_state_dict(bad)
         assert len(target.observed()) == 1 and target.total_bytes == 4  # unchanged
+
+
+def test_a_stacked_send_of_one_expanded_row_is_recorded_once_and_reads_the_same():
+    wire = Wire()
+    w = torch.arange(4.0)
+    wire.send(w.expand(3, 4), sender="server", receiver=("a", "b", "c"), kind="weights")
+    (record,) = wire._records
+    assert record.broadcast and record.tensor.shape == (4,)  # one copy, not three
+    seen = wire.observed(kind="weights")
+    assert [t.receiver for t in seen] == ["a", "b", "c"] and all(torch.equal(t.tensor, w) for t in seen)
+    assert wire.total_bytes == 3 * 16 and len(wire) == 3

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["tensor", "finite", "labels", "positive_int", "non_negative_int", "positive", "non_negative",
-           "number", "fraction", "generator"]
+           "number", "fraction", "boolean", "generator"]
 
 
 # -- tensors -------------------------------------------------------------------------------------
@@ -138,6 +138,13 @@ def number(name: str, value: Any, *, low: float = -math.inf, high: float = math.
 def fraction(name: str, value: Any, *, zero: bool = True, one: bool = False) -> float:
     """A probability-like number in [0, 1) by default (``zero``/``one`` say whether the ends are allowed)."""
     return number(name, value, low=0.0, high=1.0, low_open=not zero, high_open=not one)
+
+
+def boolean(name: str, value: Any) -> bool:
+    """``value`` if it is True or False (not 0, 1 or "yes")."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def generator(value: Any, name: str = "generator") -> torch.Generator | None:

@@ -229,8 +229,14 @@ class Wire:
             entry[1] += nbytes
         self.total_bytes += nbytes
         if self.recording:
-            self._records.append(_Record(self.step, sender, receiver, kind,
-                                         tensor.detach().clone(), self.phase))
+            if (isinstance(tensor, Tensor) and isinstance(sender, str) and type(receiver) is tuple
+                    and len(tensor) > 1 and tensor.stride(0) == 0):
+                # one row expanded to every receiver (transforms left it alone): record it once
+                record = _Record(self.step, sender, receiver, kind, tensor[0].detach().clone(), self.phase,
+                                 broadcast=True)
+            else:
+                record = _Record(self.step, sender, receiver, kind, tensor.detach().clone(), self.phase)
+            self._records.append(record)
         return tensor, self.transport.deliver(tensor, sender=sender, receiver=receiver, kind=kind)
 
     def broadcast(self, tensor: Payload, *, sender: str, receivers: Sequence[str], kind: str) -> Payload:

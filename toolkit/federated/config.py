@@ -97,9 +97,8 @@ class FedConfig:
         validate.non_negative_int("seed", self.seed)
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {sorted(LOSSES)}")
-        for name in ("hand_written_mlp", "record"):  # toolkit.validate has no bool check
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("hand_written_mlp", "record"):
+            validate.boolean(name, getattr(self, name))
 
     @classmethod
     def smoke(cls) -> FedConfig:

@@ -131,9 +131,7 @@ class VectorizedExecutor:
 
     def __init__(self, chunk_bytes: int = 64 * 2**20, *, hand_written_mlp: bool = True) -> None:
         self.chunk_bytes = validate.positive_int("chunk_bytes", chunk_bytes)
-        if not isinstance(hand_written_mlp, bool):
-            raise ValueError(f"hand_written_mlp must be True or False, got {hand_written_mlp!r}")
-        self.hand_written_mlp = hand_written_mlp
+        self.hand_written_mlp = validate.boolean("hand_written_mlp", hand_written_mlp)
         self.ran: str | None = None
         self.fallback: str | None = None  # why the last call ran sequentially, or None
         self.path: str | None = None  # how the last vectorized pass got gradients: "hand-written MLP" or "vmap"

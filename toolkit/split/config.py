@@ -27,8 +27,7 @@ class SplitConfig:
         validate.fraction("momentum", self.momentum)
         validate.non_negative_int("seed", self.seed)
         for name in ("shuffle", "record"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            validate.boolean(name, getattr(self, name))
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
 
