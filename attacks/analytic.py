@@ -3,9 +3,10 @@ gradient, and exact input recovery from a fully connected layer, one sample per 
 malicious imprint block.
 
 Both read a transcript of the updates the server received (kind ``"update"``, or flat
-``"gradients"``) with :func:`attacks.gradient_matching.read_updates`, and assume the update is one
-SGD step of a batch-mean cross-entropy loss (FedAvg with one local step: the client's batch size
-at least its sample count, one local epoch).
+``"gradients"``) with :func:`attacks.gradient_matching.read_updates`, at the weights the server sent
+(``weights="sent"``, from the transcript) or at its model's current weights (``weights="model"``),
+and assume the update is one SGD step of a batch-mean cross-entropy loss (FedAvg with one local
+step: the client's batch size at least its sample count, one local epoch).
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from attacks.base import Attack, AttackResult, positive, positive_int
-from attacks.gradient_matching import Params, check_model, last_layer, read_updates
+from attacks.base import Attack, AttackResult, check_generator, non_negative_int, positive, positive_int, seeded
+from attacks.gradient_matching import WEIGHTS_THREAT, Params, check_model, last_layer, read_updates, weights_source
 from toolkit.wire import Transfer
 
 
@@ -54,12 +55,13 @@ def label_counts(gradient: Params, model: nn.Module, weights: Params, *, batch_s
     general deep leakage in federated learning", 2021): ``B sum_j dW_cj = sum_n p_nc s_n -
     sum_{y_n=c} s_n`` with ``s_n`` the row sum of sample n's penultimate activation, so ``count_c =
     B (mean(p_c s) - sum_j dW_cj) / mean(s)``, both means over the dummies. Counts are rounded to
-    integers summing to ``batch_size`` (largest remainder).
+    integers summing to ``batch_size`` (largest remainder). The dummies are drawn from
+    ``generator`` (torch's global RNG when None).
     """
     batch_size = positive_int("batch_size", batch_size)
     queries = positive_int("queries", queries)
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
+    rounds = non_negative_int("rounds", rounds)
+    check_generator(generator)
     w_name, b_name = last_layer(weights)
     n_classes = len(weights[w_name])
     if batch_size > n_classes:
@@ -122,11 +124,13 @@ class LabelCounts(Attack):
     back sorted by class within each update.
 
     Args:
-        model: the global model (the server's own; its architecture and the weights it sent).
+        model: the global model (the server's own architecture).
         input_shape: one input's shape, e.g. ``(1, 32, 32)``, for the dummy queries.
         batch_size: the clients' batch size (one local step: all of a client's samples).
         client_lr: the clients' learning rate, to turn a weight delta into a gradient.
         queries: dummy inputs for estimating the mean softmax output.
+        weights: ``"sent"`` (the weights the server sent each client, from the transcript's
+            ``"weights"`` transfers) or ``"model"`` (the model's current weights).
 
     Example:
         >>> attack = LabelCounts(model=models.mlp([64, 10]), input_shape=(1, 8, 8), batch_size=4,
@@ -134,22 +138,36 @@ class LabelCounts(Attack):
         >>> attack.run(wire.observed(by="server") + wire.observed(kind="weights")).labels  # doctest: +SKIP
     """
 
-    threat_model = "honest-but-curious server that knows the clients' batch size and learning rate"
     needs = "update"
 
     def __init__(self, *, model: nn.Module, input_shape: Sequence[int], batch_size: int,
-                 client_lr: float | None = None, queries: int = 256):
+                 client_lr: float | None = None, queries: int = 256, weights: str = "sent"):
         check_model(model, "LabelCounts")
         self.model = model
         self.input_shape = tuple(positive_int("input_shape entries", s) for s in input_shape)
         self.batch_size = positive_int("batch_size", batch_size)
         self.client_lr = None if client_lr is None else positive("client_lr", client_lr)
         self.queries = positive_int("queries", queries)
-        last_layer(dict(model.named_parameters()))
+        self.weights = weights_source(weights)
+        self.threat_model = (f"honest-but-curious server: knows the model, {WEIGHTS_THREAT[self.weights]}, and "
+                             f"the clients' batch size and learning rate; reads only the clients' updates")
+        w_name, _ = last_layer(dict(model.named_parameters()))
+        with torch.no_grad():
+            try:
+                out = model(torch.zeros(1, *self.input_shape))
+            except (RuntimeError, ValueError) as err:
+                raise ValueError(f"LabelCounts: the model does not take inputs of shape {self.input_shape}: "
+                                 f"{err}") from None
+        if tuple(out.shape) != (1, len(dict(model.named_parameters())[w_name])):
+            raise ValueError(f"LabelCounts: the model's output {tuple(out.shape[1:])} per sample is not its last "
+                             f"Linear layer's {len(dict(model.named_parameters())[w_name])} class scores")
 
     def run(self, observed: Sequence[Transfer], *, show_progress: bool = False,
             generator: torch.Generator | None = None, max_steps: int | None = None) -> AttackResult:
-        updates = read_updates(observed, self.model, lr=self.client_lr, attack="LabelCounts")
+        """The label counts of every update (``extras["counts"]``, (U, K)) and the labels they give;
+        the dummy queries are drawn from ``generator`` (torch's global RNG when None)."""
+        check_generator(generator)
+        updates = read_updates(observed, self.model, lr=self.client_lr, attack="LabelCounts", weights=self.weights)
         if self.client_lr is None and any(u.delta is not None for u in updates):
             raise ValueError("LabelCounts: the transcript holds weight deltas (kind 'update'); counts need their "
                              "scale, so pass the clients' learning rate client_lr")
@@ -163,24 +181,27 @@ class LabelCounts(Attack):
 
 
 # -- exact inputs from a fully connected layer -------------------------------------------------------
-def imprint_block(input_shape: Sequence[int], n_bins: int, *, mean: float, std: float) -> nn.Sequential:
+def imprint_block(input_shape: Sequence[int], n_bins: int, *, mean: float, std: float,
+                  generator: torch.Generator | None = None) -> nn.Sequential:
     """The malicious block of "Robbing the Fed" (Fowl, Geiping, Czaja, Goldblum, Goldstein, 2022)
     that a server prepends to its model: Flatten -> Linear(d, k) measuring mean brightness with
     biases at the Gaussian(mean, std) quantiles (neuron i fires when brightness > c_i) -> ReLU ->
     Linear(k, d) with equal columns (every bin neuron gets the same backward signal) -> Unflatten.
+    The columns' common direction is drawn from ``generator`` (torch's global RNG when None).
     """
-    input_shape = tuple(int(s) for s in input_shape)
+    input_shape = tuple(positive_int("input_shape entries", s) for s in input_shape)
     n_bins = positive_int("n_bins", n_bins)
     std = positive("std", std)
     d = math.prod(input_shape)
     levels = torch.arange(1, n_bins + 1, dtype=torch.float64) / (n_bins + 1)
     cuts = mean + std * math.sqrt(2) * torch.erfinv(2 * levels - 1)  # (k,) Gaussian quantiles, ascending
-    imprint, spread = nn.Linear(d, n_bins), nn.Linear(n_bins, d)
+    with seeded(generator):  # every parameter below is overwritten; only the column is random
+        imprint, spread = nn.Linear(d, n_bins), nn.Linear(n_bins, d)
+        column = torch.randn(d, 1)  # (d, 1): unit scale keeps the imprint gradients well above the float32
+        # rounding of a FedAvg weight delta
     with torch.no_grad():
         imprint.weight.fill_(1.0 / d)
         imprint.bias.copy_(-cuts)
-        column = torch.randn(d, 1, generator=torch.Generator().manual_seed(0))  # (d, 1): unit scale keeps the
-        # imprint gradients well above the float32 rounding of a FedAvg weight delta
         spread.weight.copy_(column.expand(d, n_bins))
         spread.bias.zero_()
     return nn.Sequential(nn.Flatten(), imprint, nn.ReLU(), spread, nn.Unflatten(1, input_shape))
@@ -201,13 +222,14 @@ class AnalyticFC(Attack):
     Args:
         model: the global model. layer: the name of the nn.Linear to read (default the first).
         input_shape: reshape the recovered inputs to it (the layer's input size must match).
+        weights: ``"sent"`` (the weights the server sent, from the transcript's ``"weights"``
+            transfers; they place the bins) or ``"model"`` (the model's current weights).
     """
 
-    threat_model = "server that chose the model (honest for one sample, malicious with imprint bins)"
     needs = "update"
 
     def __init__(self, *, model: nn.Module, layer: str | None = None, input_shape: Sequence[int] | None = None,
-                 bins: bool | None = None, tol: float = 1e-4):
+                 bins: bool | None = None, tol: float = 1e-4, weights: str = "sent"):
         check_model(model, "AnalyticFC")
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         if layer is None:
@@ -226,10 +248,16 @@ class AnalyticFC(Attack):
             raise ValueError(f"bins must be True, False or None (detect), got {bins!r}")
         self.bins = bins
         self.tol = positive("tol", tol)
+        self.weights = weights_source(weights)
+        self.threat_model = (f"server that chose the model (honest for one sample, malicious with imprint bins) "
+                             f"and knows {WEIGHTS_THREAT[self.weights]}; reads only the clients' updates")
 
     def run(self, observed: Sequence[Transfer], *, show_progress: bool = False,
             generator: torch.Generator | None = None, max_steps: int | None = None) -> AttackResult:
-        updates = read_updates(observed, self.model, lr=None, attack="AnalyticFC")  # the scale cancels
+        """Closed form: no random draw, ``generator`` is not used."""
+        check_generator(generator)
+        updates = read_updates(observed, self.model, lr=None, attack="AnalyticFC",  # the scale cancels
+                               weights=self.weights)
         rows, found, owner = [], [], []
         for k, u in enumerate(updates):
             dw = u.gradient[f"{self.layer}.weight"].double()  # (k, d)

@@ -1,20 +1,28 @@
 """What every attack shares: the Attack base class, the AttackResult, and transcript helpers.
 
 An attack reads only a transcript of what its party received (``wire.observed(by=...)``) plus
-the knowledge its threat model grants, stated in the class's ``threat_model`` and ``repr``.
-Scoring is separate: ``toolkit.metrics.evaluate(result, truth)``.
+the knowledge its threat model grants, passed in explicitly and stated in its ``threat_model``
+and ``repr``. Scoring is separate: ``toolkit.metrics.evaluate(result, truth)``.
+
+Randomness: every random draw of an attack (initial guesses, auxiliary noise, shuffling, and the
+initialization of the modules it builds: decoders, shadows, clones) comes from the ``generator``
+passed to ``run``; with ``generator=None`` it comes from torch's global RNG (seed it with
+``toolkit.seed_everything``), never from a hidden constant seed.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from toolkit.validate import non_negative, positive, positive_int  # noqa: F401  (re-exported for attacks)
+from toolkit.validate import finite
+from toolkit.validate import generator as check_generator
+from toolkit.validate import non_negative, non_negative_int, positive, positive_int  # noqa: F401  (re-exported)
 from toolkit.wire import Transfer
 
 
@@ -71,10 +79,12 @@ class Attack(ABC):
     @abstractmethod
     def run(self, observed: Sequence[Transfer], *, show_progress: bool = False,
             generator: torch.Generator | None = None, max_steps: int | None = None) -> AttackResult:
-        """Attack what a party received; ``max_steps`` caps every loop (smoke runs)."""
+        """Attack what a party received; ``max_steps`` caps every loop (smoke runs); every random
+        draw comes from ``generator`` (torch's global RNG when None)."""
 
     def config(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and not isinstance(v, torch.nn.Module)}
+        return {k: v for k, v in vars(self).items()
+                if not k.startswith("_") and k != "threat_model" and not isinstance(v, torch.nn.Module)}
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
@@ -93,15 +103,55 @@ def select(observed: Sequence[Transfer], kind: str, attack: str) -> list[Transfe
     return chosen
 
 
-def stack(transfers: Sequence[Transfer]) -> Tensor:
-    """Concatenate the transfers' batches along dim 0: (sum of batch sizes, ...)."""
-    tensors = [t.tensor for t in transfers]
-    if any(not isinstance(x, Tensor) for x in tensors):
-        raise ValueError("this attack reads plain tensors; decode compressed packets first")
+def describe(t: Transfer) -> str:
+    """``"the activations client -> server at step 3"``: names a transfer in error messages."""
+    return f"the {t.kind} {t.sender} -> {t.receiver} at step {t.step}{'' if t.phase == 'train' else f' ({t.phase})'}"
+
+
+def read(t: Transfer, attack: str) -> Tensor:
+    """The transfer's tensor, detached, if it is a plain floating-point tensor of finite values;
+    a ValueError naming the transfer (and the first bad index) otherwise. The one check of what
+    an attack reads from a transcript."""
+    x = t.tensor
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{attack} reads plain tensors; {describe(t)} is a {type(x).__name__}: "
+                         f"decode compressed packets first")
+    if not x.is_floating_point():
+        raise ValueError(f"{attack}: {describe(t)} holds {x.dtype} values; it reads floating-point tensors")
+    return finite(x.detach(), f"{attack}: {describe(t)}")
+
+
+def stack(transfers: Sequence[Transfer], attack: str = "this attack") -> Tensor:
+    """Concatenate the transfers' batches along dim 0: (sum of batch sizes, ...), float32; each
+    checked by :func:`read`."""
+    tensors = [read(t, attack) for t in transfers]
     shapes = {tuple(x.shape[1:]) for x in tensors}
     if len(shapes) > 1:
-        raise ValueError(f"the selected transfers have different shapes per sample: {sorted(shapes)}")
-    return torch.cat([x.detach().float() for x in tensors])
+        raise ValueError(f"{attack}: the selected transfers have different shapes per sample: {sorted(shapes)}")
+    return torch.cat([x.float() for x in tensors])
+
+
+def expect_shape(got: Sequence[int], expected: Sequence[int], what: str, fits: str) -> None:
+    """A ValueError ``"{what} has shape {got} per sample, but {fits} {expected}: ..."`` unless equal."""
+    got, expected = tuple(got), tuple(expected)
+    if got != expected:
+        raise ValueError(f"{what} has shape {got} per sample, but {fits} {expected}: is the transcript "
+                         f"from another model, cut or input_shape?")
+
+
+@contextmanager
+def seeded(generator: torch.Generator | None) -> Iterator[None]:
+    """Build modules inside this block to initialize them from ``generator`` (torch's global RNG
+    draws are redirected to a stream seeded from one draw of it, and the global stream is left as
+    it was); with ``generator=None`` the block uses the global RNG itself."""
+    check_generator(generator)
+    if generator is None:
+        yield
+        return
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def steps_for(steps: int, max_steps: int | None) -> int:

@@ -12,7 +12,6 @@ over a leading row dimension, one backward pass for all rows (no Python loop of 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from attacks.base import select
+from attacks.base import describe, read, select
 from toolkit.progress import progress
 from toolkit.wire import Transfer
 
@@ -72,34 +71,62 @@ def _unflatten(flat: Tensor, model: nn.Module, what: str) -> Params:
     return out
 
 
+WEIGHTS = ("sent", "model")
+
+
+def weights_source(weights: str) -> str:
+    """``weights`` if it is one of :data:`WEIGHTS` (where a server attack reads the weights the
+    client started from); a ValueError otherwise."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be 'sent' (the 'weights' transfers the server sent, read from the "
+                         f"transcript) or 'model' (the model's current weights), got {weights!r}")
+    return weights
+
+
+WEIGHTS_THREAT = {
+    "sent": "the weights it sent, read from the transcript's 'weights' transfers",
+    "model": "its model's current weights (weights='model': the update was computed at them)",
+}
+
+
 def read_updates(observed: Sequence[Transfer], model: nn.Module, *, lr: float | None,
-                 attack: str) -> list[Update]:
+                 attack: str, weights: str = "sent") -> list[Update]:
     """The clients' updates in ``observed`` (kind ``"update"``, or flat ``"gradients"``), each with
-    the weights the server sent that client in that step (a ``"weights"`` transfer in ``observed``,
-    e.g. ``wire.observed(sender="server", kind="weights")``), else the model's current weights."""
+    the weights that client started from.
+
+    ``weights="sent"``: the ``"weights"`` transfer the update's receiver (the server) sent that client
+    in that step, from ``observed`` (e.g. ``wire.observed(sender="server", kind="weights")``); a
+    ValueError names the updates without one. ``weights="model"``: the model's current parameters
+    (the server's own copy, right when the update was computed at them). Every tensor read is
+    checked: floating point, finite, one value per parameter of ``model``.
+    """
+    weights = weights_source(weights)
     observed = list(observed)
     chosen = [t for t in observed if t.kind in ("update", "gradients")]
     if not chosen:
         select(observed, "update", attack)  # raises, naming what the transcript holds
-    sent = {(t.step, t.receiver): t.tensor for t in observed if t.kind == "weights"}
+    sent = {(t.step, t.sender, t.receiver): t for t in observed if t.kind == "weights"}
+    if weights == "sent":
+        missing = [f"{t.sender} at step {t.step}" for t in chosen if (t.step, t.receiver, t.sender) not in sent]
+        if missing:
+            raise ValueError(f"{attack}: no 'weights' transfer to {', '.join(missing[:3])}"
+                             f"{' ...' if len(missing) > 3 else ''} in the transcript: add what the server sent "
+                             f"(wire.observed(sender='server', kind='weights')), or attack at the model's current "
+                             f"weights with weights='model' if the update was computed at them")
     current = {n: p.detach().float() for n, p in model.named_parameters()}
-    missing = [f"{t.sender} at step {t.step}" for t in chosen if (t.step, t.sender) not in sent]
-    if missing:
-        warnings.warn(f"{attack}: no 'weights' transfer for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; "
-                      f"attacking at the model's current weights (add wire.observed(sender='server', "
-                      f"kind='weights') to the transcript if the model has moved on)", UserWarning, stacklevel=3)
     out = []
     for t in chosen:
-        if not isinstance(t.tensor, Tensor):
-            raise ValueError(f"{attack} reads plain updates; decode compressed packets first")
-        values = _unflatten(t.tensor, model, f"the {t.kind} from {t.sender} at step {t.step}")
-        weights = _unflatten(sent[(t.step, t.sender)], model, "the weights sent") \
-            if (t.step, t.sender) in sent else current
+        values = _unflatten(read(t, attack), model, f"{describe(t)}")
+        if weights == "sent":
+            w = sent[(t.step, t.receiver, t.sender)]
+            start = _unflatten(read(w, attack), model, describe(w))
+        else:
+            start = current
         if t.kind == "update":
             scale = -1.0 / lr if lr is not None else -1.0
-            out.append(Update(t.step, t.sender, {k: v * scale for k, v in values.items()}, weights, values))
+            out.append(Update(t.step, t.sender, {k: v * scale for k, v in values.items()}, start, values))
         else:
-            out.append(Update(t.step, t.sender, values, weights, None))
+            out.append(Update(t.step, t.sender, values, start, None))
     return out
 
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attacks.base import Attack, AttackResult, select, stack, steps_for
+from attacks.base import Attack, AttackResult, check_generator, select, stack, steps_for
 from toolkit.metrics import auc
 from toolkit.progress import progress
 from toolkit.wire import Transfer
@@ -63,7 +63,7 @@ def _gradient_batches(observed: Sequence[Transfer], attack: str,
         if isinstance(t.tensor, Tensor) and (t.tensor.dim() < 1 or len(t.tensor) == 0):
             raise ValueError(f"{attack} needs per-sample gradients (B, ...) with B >= 1; the transfer at "
                              f"step {t.step} holds shape {tuple(t.tensor.shape)}")
-    flat = stack([_flattened(t) for t in transfers])  # (N, d): every batch, in transcript order
+    flat = stack([_flattened(t) for t in transfers], attack)  # (N, d): every batch, in transcript order
     sizes = [len(t.tensor) for t in transfers]
     return transfers, list(flat.split(sizes))
 
@@ -105,10 +105,13 @@ class NormAttack(Attack):
             generator: torch.Generator | None = None, max_steps: int | None = None) -> AttackResult:
         """Score what the client received; ``max_steps`` reads only the first batches.
 
+        Deterministic: ``generator`` is not used.
+
         Raises:
             ValueError: the transcript holds no gradients (the message names the kinds it holds), or
-                its gradients are not plain per-sample tensors of one shape.
+                its gradients are not plain, finite, floating-point per-sample tensors of one shape.
         """
+        check_generator(generator)
         transfers, grads = _gradient_batches(observed, type(self).__name__, max_steps)
         scores = [g.norm(dim=1) for g in progress(grads, show=show_progress, desc="norm attack")]  # (B,)
         return AttackResult("norm", scores=torch.cat(scores), config=self.config(),
@@ -176,6 +179,7 @@ class DirectionAttack(Attack):
                 or naming a step that is not in the transcript or a row outside its batch.
         """
         name = type(self).__name__
+        check_generator(generator)
         known = self._check_hint(known_positive)
         transfers, grads = _gradient_batches(observed, name, None)
         if known is not None:  # checked against the whole transcript, before any cap

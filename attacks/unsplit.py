@@ -21,13 +21,15 @@ What we found, and how this differs from the paper's code (read before relying o
   ``tv_weight`` 0.1, ``l2_weight`` 1) are far too slow for a CPU and, cut short, give dim
   images. The defaults here (100 outer steps of 20 + 20 Adam steps, lr 0.05 on the inputs and
   0.01 on the clone, ``tv_weight`` 1e-3, ``l2_weight`` 0.03) were tuned on MNIST at LeNet's
-  conv1 + ReLU: SSIM 0.53-0.88 (mean 0.71) and every image recognizable over eight briefly
-  trained clients, about 6 s on one core for 8 images. The result depends on the clone's random
-  draw (a bad one stalls at a 10-100x worse fit), hence ``restarts``. At a first affine layer
-  the inputs are identifiable only up to one affine map (the clone absorbs scale and offset),
-  hence ``stretch``; the L2 term is what keeps backgrounds dark. Quality collapses past the
-  first pooling layer (MNIST SSIM about 0.3 after pool1, under 0.05 after conv2 + ReLU).
-  Caveat on the metric: an all-black guess scores SSIM 0.47 on MNIST (PSNR 10.8 dB).
+  conv1 + ReLU: on 8 images from a briefly trained client, SSIM at least 0.5, PSNR at least
+  15 dB, and every image closest to its own original (tests/test_unsplit.py; seconds per attack:
+  benchmarks/inversion_attacks.py). The result depends on the clone's random draw (a bad one
+  stalls at a much worse fit), hence ``restarts``. At a first affine layer the inputs are
+  identifiable only up to one affine map (the clone absorbs scale and offset), hence
+  ``stretch``; the L2 term is what keeps backgrounds dark. Quality collapses past the first
+  pooling layer (on digits, SSIM falls by more than 0.2 from conv1 + ReLU to pool1, and by more
+  than 0.1 again to conv2 + ReLU). Caveat on the metric: on those 8 MNIST images an all-black
+  guess already scores SSIM 0.42 (PSNR 10.0 dB).
 - Labels. The paper's code matches the gradient of the client's last-layer *weights*, a tensor
   the server does not receive in U-shaped split learning; for one sample its sign pattern
   gives the label away, hence "perfect accuracy". The server receives the gradient with respect
@@ -36,10 +38,10 @@ What we found, and how this differs from the paper's code (read before relying o
   gradients alone, labels are identifiable only up to a renaming of the classes. The attack
   recovers the partition (which samples share a label) and names the classes from ``known``
   labelled rows (one per class, or all but one). The paper's own start (relabeling with an
-  untrained clone) merges classes (about 67 % up to renaming on the first five batches of
+  untrained clone) merges classes (under 95 % up to renaming on the first five batches of
   digits); k-means starts plus a cross-entropy warm start and an L-BFGS gradient-matching fit
-  reach 100 % there. Late in training, when the gradients are tiny and mixed, 87-100 %.
-  Without ``known`` the labels are cluster indices: score them with :func:`relabel`.
+  reach 100 % there. Without ``known`` the labels are cluster indices: score them with
+  :func:`relabel`.
 
 Both attacks build their clone from the architecture only: a factory (a callable returning a
 fresh module), or a module whose parameters are replaced by weightless placeholders on the
@@ -57,8 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks.base import (Attack, AttackResult, non_negative, positive, positive_int, select, stack,
-                          steps_for, total_variation)
+from attacks.base import (Attack, AttackResult, check_generator, non_negative, positive, positive_int, seeded,
+                          select, stack, steps_for, total_variation)
 from toolkit.models import trace
 from toolkit.progress import progress
 from toolkit.wire import Transfer
@@ -128,13 +130,8 @@ class _CloneMaker:
                 raise ValueError(f"the architecture factory must return an nn.Module, got {type(clone).__name__}")
             return clone
 
-        if generator is None:
+        with seeded(generator):  # from the caller's generator, without disturbing the global stream
             clone = build()
-        else:  # initialize from the caller's generator without disturbing the global stream
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                clone = build()
         clone = clone.float()
         clone.train(False)  # deterministic clone (no dropout); BatchNorm uses its running statistics
         for p in clone.parameters():
@@ -246,7 +243,7 @@ class UnSplit(Attack):
             transfers = [t for t in transfers if t.sender == self.sender]
             if not transfers:
                 raise ValueError(f"UnSplit found no activations sent by {self.sender!r} in the transcript")
-        return stack(transfers)  # (N, ...) cut-layer activations, in transcript order
+        return stack(transfers, "UnSplit")  # (N, ...) cut-layer activations, in transcript order
 
     def _check_clone(self, clone: nn.Module, z: Tensor) -> None:
         try:
@@ -263,7 +260,8 @@ class UnSplit(Attack):
         """Reconstruct the inputs behind every observed activation (one batch).
 
         Runs ``restarts`` clones for ``screen_steps`` outer steps each, keeps the one whose output
-        fits the observations best and continues it to ``steps`` outer steps in all.
+        fits the observations best and continues it to ``steps`` outer steps in all. The clones
+        are initialized from ``generator`` (torch's global RNG when None); nothing else is random.
 
         Returns:
             ``reconstruction`` (N, *input_shape) in transcript order (stretched as ``stretch``
@@ -273,6 +271,7 @@ class UnSplit(Attack):
             (the fitted clone: model stealing), ``raw`` (before stretching), ``fits`` (the MSE of
             every restart after screening), ``interrupted``.
         """
+        check_generator(generator)
         steps = steps_for(self.steps, max_steps)
         z = self._activations(observed)
         trials: list[_Trial] = []

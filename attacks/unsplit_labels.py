@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks.base import Attack, AttackResult, positive, positive_int, select, stack, steps_for
+from attacks.base import Attack, AttackResult, check_generator, positive, positive_int, select, stack, steps_for
 from attacks.unsplit import Architecture, _CloneMaker
 from toolkit.models import trace
 from toolkit.progress import progress
@@ -192,7 +192,7 @@ class UnSplitLabels(Attack):
                                  f"{g.step} (its own outputs, e.g. wire.observed(by={g.sender!r}, "
                                  f"kind='activations', sender={self.party!r})) beside the gradients it received")
             acts.append(queue.pop(0))
-        h, g = stack(acts), stack(grads)
+        h, g = stack(acts, "UnSplitLabels"), stack(grads, "UnSplitLabels")
         if h.shape != g.shape:
             raise ValueError(f"the gradients {tuple(g.shape)} do not match the activations {tuple(h.shape)}")
         if self.reduction == "mean":
@@ -260,6 +260,7 @@ class UnSplitLabels(Attack):
                 outputs), e.g. ``wire.observed(by="server", kind="gradients") +
                 wire.observed(by="client", kind="activations", sender="server")``.
             max_steps: caps the fit/relabel rounds of each start.
+            generator: the k-means draws and the clones' initialization (torch's global RNG when None).
 
         Returns:
             ``labels`` (N,) in transcript order of the gradients; ``history``: the relative fit
@@ -267,6 +268,7 @@ class UnSplitLabels(Attack):
             ``fits`` (start -> final relative fit error), ``start`` (the one kept), ``named``
             (K,) which classes ``known`` names (others are cluster indices).
         """
+        check_generator(generator)
         rounds = steps_for(self.rounds, max_steps)
         h, g = self._pairs(observed)
         n = len(h)

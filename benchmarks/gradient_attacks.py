@@ -12,6 +12,7 @@ Then the restarts of Inverting Gradients (Adam phase) run as one batched optimiz
 Python loop of single restarts, alternating, median of the repeats: the speed-up.
 
     python benchmarks/gradient_attacks.py [--images 10] [--attacks idlg,dlg,inverting_gradients] [--datasets digits,mnist]
+        [--dtype float32|float64]   (the search's precision for every attack; default: each attack's own)
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def fedsgd_round(model, ds, idx: torch.Tensor) -> list:
     return fl.wire.observed(by="server", kind="update") + fl.wire.observed(sender="server", kind="weights")
 
 
-def quality(name: str, ds, size: int, attacks: list[str], n: int) -> None:
+def quality(name: str, ds, size: int, attacks: list[str], n: int, dtype: torch.dtype | None = None) -> None:
     model = victim(size)
     idx = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(0))
     labels_idx = idx[:200]
@@ -60,7 +61,7 @@ def quality(name: str, ds, size: int, attacks: list[str], n: int) -> None:
         for i in range(n):
             sent = [t for t in weights if t.receiver == f"client:{i}"]
             t0 = time.perf_counter()
-            result = ATTACKS[attack](model, input_shape=shape, client_lr=0.1).run(
+            result = ATTACKS[attack](model, input_shape=shape, client_lr=0.1, **({"dtype": dtype} if dtype else {})).run(
                 [u for u in observed if u.kind == "update" and u.sender == f"client:{i}"] + sent,
                 generator=torch.Generator().manual_seed(i))
             seconds.append(time.perf_counter() - t0)
@@ -104,16 +105,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run fastest on one)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                        help="the search's precision for every attack (default: each attack's own)")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     torch.set_num_threads(args.threads)
     attacks = args.attacks.split(",") if args.attacks else []
     digits = data.load("digits", image_size=32)
     for name in args.datasets.split(","):
         if name == "digits" and attacks:
-            quality("digits upsampled to 32x32", digits, 32, attacks, args.images)
+            quality("digits upsampled to 32x32", digits, 32, attacks, args.images, dtype)
         elif name == "mnist" and attacks:
             if SHARED_MNIST.is_dir():
-                quality("MNIST (test set)", data.load("mnist", root=SHARED_MNIST), 28, attacks, args.images)
+                quality("MNIST (test set)", data.load("mnist", root=SHARED_MNIST), 28, attacks, args.images, dtype)
             else:
                 print("\nMNIST: ../shared/data/mnist is absent, skipped")
     if args.restarts > 1:

@@ -1,6 +1,8 @@
 """Analytic attacks on federated updates: exact batch label counts from the last layer's gradient,
 exact inputs from a fully connected layer (one sample, or one per bin of an imprint block), and
 the bad input they refuse."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,7 +144,11 @@ def test_analytic_fc_reads_a_hand_computed_gradient_through_a_wire(digits):
     wire = Wire()
     flat = torch.cat([p.grad.flatten() for p in model.parameters()])
     wire.send(flat, sender="client:0", receiver="server", kind="gradients")
-    result = AnalyticFC(model=model, layer="fc1", input_shape=(1, 8, 8)).run(wire.observed(by="server"))
+    with pytest.raises(ValueError, match="no 'weights' transfer to client:0"):  # no silent fallback
+        AnalyticFC(model=model, layer="fc1").run(wire.observed(by="server"))
+    attack = AnalyticFC(model=model, layer="fc1", input_shape=(1, 8, 8), weights="model")  # computed at them
+    assert "its model's current weights" in repr(attack)
+    result = attack.run(wire.observed(by="server"))
     assert float(metrics.psnr(result.reconstruction, x)[0]) >= 60
 
 
@@ -180,9 +186,9 @@ def test_analytic_fc_detects_or_is_told_about_bins(digits):
     wire = Wire()
     wire.send(torch.cat([p.grad.flatten() for p in model.parameters()]), sender="client:0",
               receiver="server", kind="gradients")
-    detected = AnalyticFC(model=model).run(wire.observed())
-    told = AnalyticFC(model=model, bins=True).run(wire.observed())
-    single = AnalyticFC(model=model, bins=False).run(wire.observed())
+    detected = AnalyticFC(model=model, weights="model").run(wire.observed())
+    told = AnalyticFC(model=model, bins=True, weights="model").run(wire.observed())
+    single = AnalyticFC(model=model, bins=False, weights="model").run(wire.observed())
     assert len(detected.reconstruction) == len(told.reconstruction) > 1
     assert len(single.reconstruction) == 1
 
@@ -196,10 +202,18 @@ def test_analytic_attacks_refuse_bad_input(digits):
         LabelCounts(model=model, input_shape=(1, 8, 8), batch_size=2).run([])
     wire = Wire()
     wire.send(torch.zeros(1, 100), sender=("client:0",), receiver="server", kind="update")
+    with pytest.raises(ValueError, match="mismatched parameter shapes: the update client:0 -> server at step 0 "
+                                         "holds 100 values but the model has 2410 parameters"):
+        AnalyticFC(model=model, weights="model").run(wire.observed())
     with pytest.raises(ValueError, match="mismatched parameter shapes"):
-        AnalyticFC(model=model).run(wire.observed())
-    with pytest.raises(ValueError, match="mismatched parameter shapes"):
+        LabelCounts(model=model, input_shape=(1, 8, 8), batch_size=2, client_lr=LR,
+                    weights="model").run(wire.observed())
+    with pytest.raises(ValueError, match="no 'weights' transfer"):
         LabelCounts(model=model, input_shape=(1, 8, 8), batch_size=2, client_lr=LR).run(wire.observed())
+    with pytest.raises(ValueError, match=r"does not take inputs of shape \(1, 28, 28\)"):
+        LabelCounts(model=model, input_shape=(1, 28, 28), batch_size=2)
+    with pytest.raises(ValueError, match="weights must be 'sent'"):
+        AnalyticFC(model=model, weights="live")
     for layer in ("act1", "nope"):
         with pytest.raises(ValueError, match=f"layer {layer!r} is not an nn.Linear with bias"):
             AnalyticFC(model=model, layer=layer)
@@ -214,3 +228,59 @@ def test_analytic_attacks_refuse_bad_input(digits):
     with pytest.raises(ValueError, match="BatchNorm"):
         AnalyticFC(model=bn)
     assert flat_state(model).numel() == 64 * 32 + 32 + 32 * 10 + 10  # the size the bad update missed
+
+
+def test_the_weights_sent_come_from_the_transcript_and_must_fit_the_model(digits):
+    """A transcript of another model (its updates and the weights sent) is refused with what does
+    not fit; non-finite values are named with their index."""
+    seed_everything(6)
+    model = models.mlp([64, 32, 10])
+    fl = FederatedAveraging(model, [digits.subset([0])], config=FedConfig(batch_size=8, lr=LR))
+    fl.fit(1)
+    seen = _transcript(fl)
+    attacks = [AnalyticFC(model=model), LabelCounts(model=model, input_shape=(1, 8, 8), batch_size=1, client_lr=LR)]
+    for attack in attacks:
+        assert "the weights it sent, read from the transcript" in attack.threat_model
+        attack.run(seen)  # fits
+    other = models.mlp([64, 16, 10])
+    for attack in (AnalyticFC(model=other), LabelCounts(model=other, input_shape=(1, 8, 8), batch_size=1,
+                                                       client_lr=LR)):
+        with pytest.raises(ValueError, match="mismatched parameter shapes: the update client:0 -> server"):
+            attack.run(seen)
+    wrong_weights = [dataclasses.replace(t, tensor=t.tensor[:-3]) if t.kind == "weights" else t for t in seen]
+    nan_update = [dataclasses.replace(t, tensor=t.tensor.clone().index_fill_(0, torch.tensor([4]), float("nan")))
+                  if t.kind == "update" else t for t in seen]
+    for attack in attacks:
+        with pytest.raises(ValueError, match="mismatched parameter shapes: the weights server -> client:0"):
+            attack.run(wrong_weights)
+        with pytest.raises(ValueError, match="the update client:0 -> server at step .* holds NaN at index 4"):
+            attack.run(nan_update)
+
+
+def test_label_counts_and_imprint_bins_draw_from_the_callers_generator(digits32):
+    block = lambda seed: imprint_block((1, 8, 8), 16, mean=0.3, std=0.1,  # noqa: E731
+                                       generator=torch.Generator().manual_seed(seed))
+    state = torch.get_rng_state()
+    a = block(0)
+    assert torch.equal(torch.get_rng_state(), state)  # the global stream is left alone
+    torch.manual_seed(123)
+    b, c = block(0), block(1)
+    assert torch.equal(a[3].weight, b[3].weight) and not torch.equal(a[3].weight, c[3].weight)
+    torch.manual_seed(7)
+    d = imprint_block((1, 8, 8), 16, mean=0.3, std=0.1)  # generator=None: the global RNG
+    torch.manual_seed(7)
+    assert torch.equal(d[3].weight, imprint_block((1, 8, 8), 16, mean=0.3, std=0.1)[3].weight)
+
+    g = seed_everything(8)
+    model = _lenet("default")
+    weights = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = _batch(digits32, 4, g)
+    gradient = _gradient(model, weights, x, y)
+    runs = []
+    for _ in range(2):
+        state = torch.get_rng_state()
+        runs.append(label_counts(gradient, model, weights, batch_size=4, input_shape=(1, 32, 32), queries=8,
+                                 rounds=0, generator=torch.Generator().manual_seed(3)))
+        assert torch.equal(torch.get_rng_state(), state)
+        torch.rand(5)  # disturb the global RNG between the runs
+    assert torch.equal(runs[0], runs[1])

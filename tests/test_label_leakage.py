@@ -224,3 +224,15 @@ def test_per_batch_auc_refuses_misaligned_truth():
         per_batch_auc(result, {1: torch.tensor([0, 1, 0, 0]), 2: torch.tensor([0, 1, 1])})
     with pytest.raises(ValueError, match="label-leakage result"):
         per_batch_auc(AttackResult("other", scores=torch.ones(3)), {})
+
+
+def test_non_finite_or_non_float_gradients_are_refused():
+    g = torch.ones(4, 3)
+    g[2, 1] = float("nan")
+    for attack in (NormAttack(), DirectionAttack()):
+        with pytest.raises(ValueError, match=r"the gradients server -> client at step 1 holds NaN at index \(2, 1\)"):
+            attack.run([_gradients(1, torch.ones(4, 3)), _gradients(1, g)])  # once NaN scores, NaN AUC
+        with pytest.raises(ValueError, match="holds torch.int64 values"):
+            attack.run([_gradients(1, torch.ones(4, 3, dtype=torch.long))])
+        with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+            attack.run([_gradients(1, torch.ones(4, 3))], generator=0)

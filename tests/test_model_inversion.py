@@ -1,8 +1,10 @@
 """Model inversion of cut-layer activations (He et al., 2019): three threat models on a LeNet."""
 import copy
+import dataclasses
 
 import pytest
 import torch
+from torch import nn
 
 from attacks.model_inversion import InverseNetwork, QueryFree, WhiteBoxInversion, make_decoder
 from toolkit import data, metrics, models
@@ -10,10 +12,10 @@ from toolkit.split import SplitConfig, SplitNN, probe
 from toolkit.wire import Transfer
 
 
-def trained_lenet(ds, epochs=1):
+def trained_lenet(ds, epochs=1, lr=0.05):
     torch.manual_seed(0)
     net = models.lenet()
-    config = SplitConfig(lr=0.05, momentum=0.9, batch_size=32, record=False)
+    config = SplitConfig(lr=lr, momentum=0.9, batch_size=32, record=False)
     sl = SplitNN.vanilla(*models.cut(net, at="pool2"), ds, config=config)
     sl.fit(epochs=epochs)
     return net, sl.evaluate()["accuracy"]
@@ -26,7 +28,8 @@ def digits28():
 
 @pytest.fixture(scope="module")
 def victim(digits28):
-    net, accuracy = trained_lenet(digits28, epochs=4)
+    # lr 0.02: test accuracy 0.933 with one thread or two (lr 0.05 gave 0.858 or 0.947 by thread count)
+    net, accuracy = trained_lenet(digits28, epochs=4, lr=0.02)
     assert accuracy > 0.9
     return net
 
@@ -71,12 +74,34 @@ def test_black_box_inverse_network_does_better_with_same_distribution_queries(vi
     x = digits28.x_test[:16]
     client, _, seen = observed_at(victim, "conv1", x)
     query = lambda inputs: client(inputs)  # the attacker's only access: answers to its queries
-    same = InverseNetwork(query, aux=digits28.x_train[:800], input_shape=(1, 28, 28), epochs=8).run(seen)
+    same = InverseNetwork(query, aux=digits28.x_train[:800], input_shape=(1, 28, 28), epochs=8).run(
+        seen, generator=torch.Generator().manual_seed(0))
     noise = InverseNetwork(query, aux="noise", n_noise=800, input_shape=(1, 28, 28), epochs=8).run(
         seen, generator=torch.Generator().manual_seed(0))
     s_same, s_noise = metrics.evaluate(same, x), metrics.evaluate(noise, x)
-    assert s_same["psnr"] > s_noise["psnr"] + 3 and s_same["ssim"] > s_noise["ssim"], (s_same, s_noise)
+    # measured: same 25.6-26.0 dB / SSIM 0.78-0.79, noise 22.0-23.9 dB / 0.70-0.72 (float rounding differs
+    # between processes, and training amplifies it)
+    assert s_same["psnr"] > s_noise["psnr"] + 1.5 and s_same["ssim"] > s_noise["ssim"] + 0.03, (s_same, s_noise)
     assert s_same["ssim"] > 0.6
+
+
+def test_the_default_decoder_is_the_better_one_at_either_end(victim, digits28):
+    """The make_decoder docstring: conv decoder better at conv1 (SSIM about 0.79 vs 0.72), MLP better
+    at conv2 (about 0.83 vs 0.55), within 0.05."""
+    x = digits28.x_test[:16]
+    ssim = {}
+    for cut in ("conv1", "conv2"):
+        client, _, seen = observed_at(victim, cut, x)
+        z_shape = tuple(seen[0].tensor.shape[1:])
+        for kind in ("conv", "mlp"):
+            decoder = make_decoder(z_shape, (1, 28, 28), kind=kind)
+            result = InverseNetwork(client, aux=digits28.x_train[:800], input_shape=(1, 28, 28), epochs=8,
+                                    decoder=decoder).run(seen, generator=torch.Generator().manual_seed(0))
+            ssim[cut, kind] = metrics.evaluate(result, x)["ssim"]
+    claimed = {("conv1", "conv"): 0.79, ("conv1", "mlp"): 0.72, ("conv2", "conv"): 0.55, ("conv2", "mlp"): 0.83}
+    for key, value in claimed.items():
+        assert abs(ssim[key] - value) <= 0.05, (key, ssim)
+    assert ssim["conv1", "conv"] > ssim["conv1", "mlp"] and ssim["conv2", "mlp"] > ssim["conv2", "conv"], ssim
 
 
 def test_query_free_inverts_through_a_shadow_it_trained_itself(victim, digits28):
@@ -118,6 +143,12 @@ def test_decoder_choice_follows_the_resolution():
     assert isinstance(make_decoder((6, 28, 28), (1, 28, 28))[1], torch.nn.Conv2d)
     assert isinstance(make_decoder((16, 10, 10), (1, 28, 28))[1], torch.nn.Linear)
     assert isinstance(make_decoder((120,), (1, 28, 28))[1], torch.nn.Linear)
+    assert isinstance(make_decoder((16, 10, 10), (1, 28, 28), kind="conv")[1], torch.nn.Conv2d)
+    assert isinstance(make_decoder((6, 28, 28), (1, 28, 28), kind="mlp")[1], torch.nn.Linear)
+    with pytest.raises(ValueError, match="needs feature maps"):
+        make_decoder((120,), (1, 28, 28), kind="conv")
+    with pytest.raises(ValueError, match="kind must be"):
+        make_decoder((120,), (1, 28, 28), kind="deconv")
 
 
 def test_bad_input(victim, digits28):
@@ -141,3 +172,87 @@ def test_bad_input(victim, digits28):
     with pytest.raises(ValueError, match="shadow outputs"):
         QueryFree(lambda: models.cut(models.lenet(), at="pool1")[0], models.mlp([10, 10]), aux=digits28.x_train[:8],
                   aux_labels=digits28.y_train[:8], input_shape=(1, 28, 28)).run(wrong)
+
+
+# -- what the attacks read must fit what they were given ----------------------------------------
+def _activations(z):
+    return [Transfer(1, "client", "server", "activations", z)]
+
+
+def test_a_transcript_of_another_model_is_refused(victim, digits28):
+    client, server, seen = observed_at(victim, "conv1", digits28.x_test[:4])  # (4, 6, 28, 28)
+    other = _activations(torch.rand(4, 16, 5, 5))   # another cut: a raw RuntimeError once
+    broadcast = _activations(torch.rand(4, 1, 28, 28))  # broadcasts against (4, 6, 28, 28): silently wrong once
+    white = WhiteBoxInversion(client, input_shape=(1, 28, 28), steps=2)
+    for z in (other, broadcast):
+        with pytest.raises(ValueError, match=r"the observed activations has shape .* per sample, but the client part "
+                                             r"maps input_shape \(1, 28, 28\) to \(6, 28, 28\)"):
+            white.run(z)
+    inverse = InverseNetwork(client, aux=digits28.x_train[:32], input_shape=(1, 28, 28), epochs=1)
+    for z in (other, broadcast):
+        with pytest.raises(ValueError, match="queries answer activations of shape"):
+            inverse.run(z)
+    architecture = lambda: models.cut(models.lenet(), at="conv1")[0]  # noqa: E731
+    free = dict(aux=digits28.x_train[:8], aux_labels=digits28.y_train[:8], input_shape=(1, 28, 28))
+    for z in (other, broadcast):
+        with pytest.raises(ValueError, match="shadow outputs"):
+            QueryFree(architecture, server, **free).run(z, max_steps=1)
+    # the settings must fit each other too: a decoder's output, the server part's classes and input
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(6 * 28 * 28, 28), nn.Sigmoid(), nn.Unflatten(1, (1, 1, 28)))
+    with pytest.raises(ValueError, match=r"the decoder's output has shape \(1, 1, 28\) per sample, but input_shape "
+                                         r"is \(1, 28, 28\)"):
+        InverseNetwork(client, aux=digits28.x_train[:32], input_shape=(1, 28, 28), decoder=flat).run(seen)
+    five = nn.Sequential(nn.Flatten(), nn.Linear(6 * 28 * 28, 5))
+    with pytest.raises(ValueError, match="auxiliary labels holds label .* but there are only 5 classes"):
+        QueryFree(architecture, five, **{**free, "aux_labels": torch.arange(8)}).run(seen, max_steps=1)
+    with pytest.raises(ValueError, match="the server part does not take the shadow's outputs"):
+        QueryFree(architecture, models.mlp([10, 10]), **free).run(seen, max_steps=1)
+
+
+def test_non_finite_activations_are_refused(victim, digits28):
+    client, server, seen = observed_at(victim, "conv1", digits28.x_test[:2])
+    z = seen[0].tensor.clone()
+    z[1, 2, 3, 4] = float("nan")
+    bad = [dataclasses.replace(seen[0], tensor=z)]
+    attacks = [WhiteBoxInversion(client, input_shape=(1, 28, 28), steps=2),
+               InverseNetwork(client, aux="noise", n_noise=16, input_shape=(1, 28, 28), epochs=1),
+               QueryFree(lambda: models.cut(models.lenet(), at="conv1")[0], server, aux=digits28.x_train[:8],
+                         aux_labels=digits28.y_train[:8], input_shape=(1, 28, 28), epochs=1, steps=2)]
+    for attack in attacks:
+        with pytest.raises(ValueError, match=r"the activations client -> server at step \d+ .*holds NaN at index "
+                                             r"\(1, 2, 3, 4\)"):
+            attack.run(bad)
+    with pytest.raises(ValueError, match="holds torch.int64 values"):
+        attacks[0].run([dataclasses.replace(seen[0], tensor=seen[0].tensor.long())])
+    with pytest.raises(ValueError, match="auxiliary inputs holds Inf"):
+        InverseNetwork(client, aux=torch.full((4, 1, 28, 28), float("inf")), input_shape=(1, 28, 28))
+    with pytest.raises(ValueError, match="integer class indices"):
+        QueryFree(lambda: client, server, aux=digits28.x_train[:4], aux_labels=torch.zeros(4), input_shape=(1, 28, 28))
+
+
+def test_same_generator_same_numbers_whatever_the_global_rng(victim, digits28):
+    """The decoder and the shadow are initialized from the run's generator, as are the noise
+    queries and the shuffling: the global RNG disturbed between runs changes nothing; another
+    seed changes the result."""
+    client, server, seen = observed_at(victim, "pool1", digits28.x_test[:4])
+    architecture = lambda: models.cut(models.lenet(), at="pool1")[0]  # noqa: E731
+    attacks = {
+        "inverse network": InverseNetwork(client, aux="noise", n_noise=64, input_shape=(1, 28, 28), batch_size=16),
+        "query-free": QueryFree(architecture, server, aux=digits28.x_train[:64], aux_labels=digits28.y_train[:64],
+                                input_shape=(1, 28, 28), batch_size=16, steps=3),
+    }
+    for name, attack in attacks.items():
+        runs = []
+        for seed in (0, 0, 1):
+            torch.manual_seed(123 + len(runs))  # a different global state before every run
+            torch.rand(7)
+            runs.append(attack.run(seen, max_steps=4, generator=torch.Generator().manual_seed(seed)))
+        assert torch.equal(runs[0].reconstruction, runs[1].reconstruction), name
+        assert runs[0].history == runs[1].history, name
+        assert not torch.equal(runs[0].reconstruction, runs[2].reconstruction), name
+    decoder = make_decoder((6, 14, 14), (1, 28, 28))
+    given = InverseNetwork(client, aux="noise", n_noise=32, input_shape=(1, 28, 28), decoder=decoder)
+    first = given.run(seen, max_steps=3, generator=torch.Generator().manual_seed(0))
+    second = given.run(seen, max_steps=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(first.reconstruction, second.reconstruction)  # each run trains a copy of the decoder
+    assert first.extras["decoder"] is not decoder

@@ -2,18 +2,14 @@
 
 The victim is always a SplitNN whose client part has real (briefly trained) weights; the
 attacker builds its clone from a factory of the same architecture, or from a module whose
-weights it never reads (checked by poisoning them with NaN). Settings are small: the file runs
-in well under a minute on one core.
+weights it never reads (checked by poisoning them with NaN). Settings are small; speed is
+measured in benchmarks/inversion_attacks.py, not here.
 
-Measured with these settings (victim seeds in brackets; the tests use seed 0):
-- MNIST, LeNet conv1 + ReLU, 8 images: SSIM 0.77, PSNR 31 dB [0-7: SSIM 0.53-0.88, PSNR
-  16.6-31 dB, 8/8 identified]; an all-black guess scores SSIM 0.47, PSNR 10.8 dB.
-- digits 8x8, ConvNet, conv1 + ReLU / + pool / conv2 + ReLU: SSIM 1.00 / 0.27-0.54 / -0.10-0.12
-  [0-3].
-- labels, U-shaped digits, tail = one Linear, first 5 batches of 32: 100 % [0-4].
+The tests use victim seed 0; the comments beside the thresholds give the margins measured
+over other seeds.
 """
+import dataclasses
 import functools
-import time
 
 import pytest
 import torch
@@ -61,18 +57,16 @@ def test_mnist_first_conv_layer_is_recognizable(shared_data):
     ds = ds.subset(torch.arange(2000))
     observed, truth, factory, victim = train_victim(lambda: models.lenet(image_size=28), "act1", ds, steps=300)
     before = {k: v.clone() for k, v in victim.state_dict().items()}
-    start = time.perf_counter()
     result = UnSplit(factory, input_shape=(1, 28, 28)).run(observed, generator=torch.Generator().manual_seed(0))
-    seconds = time.perf_counter() - start
     scores = evaluate(result, truth)
     black = evaluate(AttackResult("black", reconstruction=torch.zeros_like(truth)), truth)
-    # Thresholds hold for every victim seed measured (0-7); seed 0 gives SSIM 0.77, PSNR 31 dB.
+    # The thresholds of the unsplit module docstring; they held for every victim seed measured (0-7).
     assert scores["ssim"] >= 0.5, scores
-    assert scores["ssim"] > black["ssim"], (scores, black)  # MNIST is mostly background: black scores 0.47
-    assert scores["psnr"] >= 15, scores                       # all black: 10.8 dB
+    assert scores["ssim"] > black["ssim"], (scores, black)  # MNIST is mostly background: black scores 0.42
+    assert scores["psnr"] >= 15, scores
+    assert black["ssim"] == pytest.approx(0.42, abs=0.01) and black["psnr"] == pytest.approx(10.0, abs=0.1), black
     assert identified(result.reconstruction, truth) == len(truth)
     assert all(torch.equal(before[k], v) for k, v in victim.state_dict().items())
-    assert seconds < 60
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,18 +117,16 @@ def test_the_attack_never_reads_the_client_weights():
     assert torch.equal(same.reconstruction, result.reconstruction)  # same architecture, same draws
 
 
-def test_smoke_settings_run_in_seconds_and_keep_the_best_on_interrupt():
+def test_smoke_settings_stay_in_bounds_and_the_best_is_kept_on_interrupt():
     torch.manual_seed(0)
     factory = lambda: models.cut(models.convnet(), at="act1")[0]  # noqa: E731
     wire = Wire()
     wire.send(factory()(torch.rand(4, 1, 8, 8)).detach(), sender="client", receiver="server", kind="activations")
-    start = time.perf_counter()
     for parametrization in ("clamp", "sigmoid"):
         result = UnSplit(factory, input_shape=(1, 8, 8), parametrization=parametrization, stretch="image").run(
             wire.observed(by="server"), max_steps=2)
         assert result.reconstruction.shape == (4, 1, 8, 8) and len(result.history) == 2
         assert 0 <= float(result.reconstruction.min()) and float(result.reconstruction.max()) <= 1
-    assert time.perf_counter() - start < 10
     assert "reconstruction (4, 1, 8, 8)" in repr(result)
 
     calls = {"n": 0}
@@ -247,11 +239,70 @@ def test_label_inference_rejects_a_transcript_it_cannot_use(u_shaped_run):
             UnSplitLabels(factory, **bad)
 
 
-def test_label_inference_smoke_setting_runs_in_seconds(u_shaped_run):
+def test_label_inference_smoke_setting_gives_a_label_per_sample(u_shaped_run):
     observed, labels = u_shaped_run
-    start = time.perf_counter()
     result = UnSplitLabels(lambda: nn.Linear(128, 10)).run(observed, max_steps=1,
                                                            generator=torch.Generator().manual_seed(0))
-    assert time.perf_counter() - start < 10
+    assert len(result.history) == 1
     assert result.labels.shape == labels.shape
     assert int(result.labels.min()) >= 0 and int(result.labels.max()) < 10
+
+
+# -- what the attacks read must fit what they were given, and the generator drives every draw ------
+def _server_view(z):
+    wire = Wire()
+    wire.send(z, sender="client", receiver="server", kind="activations")
+    return wire.observed(by="server")
+
+
+def test_a_transcript_of_another_model_or_with_non_finite_values_is_refused():
+    factory = lambda: models.cut(models.convnet(), at="act1")[0]  # noqa: E731  (4, 16, 8, 8) activations
+    attack = UnSplit(factory, input_shape=(1, 8, 8), restarts=1)
+    for z in (torch.rand(4, 32, 4, 4),   # another model's cut
+              torch.rand(4, 1, 8, 8)):   # broadcastable against the clone's (4, 16, 8, 8)
+        with pytest.raises(ValueError, match=r"the clone maps inputs of shape \(1, 8, 8\) to \(16, 8, 8\) per "
+                                             r"sample, but the observed activations have shape"):
+            attack.run(_server_view(z), max_steps=1)
+    z = torch.rand(4, 16, 8, 8)
+    z[3, 0, 1, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"UnSplit: the activations client -> server at step 0 holds Inf at index "
+                                         r"\(3, 0, 1, 2\)"):
+        attack.run(_server_view(z), max_steps=1)
+
+
+def test_label_inference_refuses_gradients_that_do_not_fit(u_shaped_run):
+    observed, _ = u_shaped_run
+    factory = lambda: nn.Linear(128, 10)  # noqa: E731
+    first = [t for t in observed if t.step == 1]
+    grads = next(t for t in first if t.kind == "gradients")
+    acts = [t for t in first if t.kind == "activations"]
+    for g in (grads.tensor[:, :64],  # another model's tail input
+              grads.tensor[:, :1]):  # broadcastable against (32, 128)
+        with pytest.raises(ValueError, match=r"the gradients \(32, \d+\) do not match the activations \(32, 128\)"):
+            UnSplitLabels(factory).run([dataclasses.replace(grads, tensor=g)] + acts, max_steps=1)
+    nan = grads.tensor.clone()
+    nan[5, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"UnSplitLabels: the gradients client -> server at step 1 holds NaN at "
+                                         r"index \(5, 7\)"):
+        UnSplitLabels(factory).run([dataclasses.replace(grads, tensor=nan)] + acts, max_steps=1)
+
+
+def test_same_generator_same_numbers_whatever_the_global_rng(u_shaped_run):
+    torch.manual_seed(0)
+    factory = lambda: models.cut(models.convnet(), at="act1")[0]  # noqa: E731
+    seen = _server_view(factory()(torch.rand(4, 1, 8, 8)).detach())
+    observed, _ = u_shaped_run
+    first = [t for t in observed if t.step == 1]
+    runs = {
+        "UnSplit": lambda g: UnSplit(factory, input_shape=(1, 8, 8), restarts=2, screen_steps=1).run(
+            seen, max_steps=2, generator=g).reconstruction,
+        "UnSplitLabels": lambda g: UnSplitLabels(lambda: nn.Linear(128, 10), init="features", fit_steps=5,
+                                                 ce_steps=5).run(first, max_steps=1, generator=g).extras["clone"].weight,
+    }
+    for name, run in runs.items():
+        out = []
+        for seed in (0, 0, 1):
+            torch.manual_seed(100 + len(out))  # a different global state before every run
+            out.append(run(torch.Generator().manual_seed(seed)))
+        assert torch.equal(out[0], out[1]), name
+        assert not torch.equal(out[0], out[2]), name
