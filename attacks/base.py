@@ -118,7 +118,7 @@ def read(t: Transfer, attack: str) -> Tensor:
                          f"decode compressed packets first")
     if not x.is_floating_point():
         raise ValueError(f"{attack}: {describe(t)} holds {x.dtype} values; it reads floating-point tensors")
-    return finite(x.detach(), f"{attack}: {describe(t)}")
+    return finite(x.detach(), f"{attack}: {describe(t)}", hint="a transcript with non-finite values cannot be attacked")
 
 
 def stack(transfers: Sequence[Transfer], attack: str = "this attack") -> Tensor:

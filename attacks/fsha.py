@@ -353,7 +353,7 @@ class FeatureSpaceHijacking(Attack):
         if max_steps is not None:
             positive_int("max_steps", max_steps)
         chosen = select(observed, "activations", "FeatureSpaceHijacking")
-        z = stack(chosen)  # (N, ...) smashed data, in transcript order
+        z = stack(chosen, "FeatureSpaceHijacking")  # (N, ...) smashed data, in transcript order
         if self._decoder is None:
             raise ValueError("FeatureSpaceHijacking has no decoder yet: run attack_training first "
                              "(or pass a trained decoder=)")

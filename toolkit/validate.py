@@ -48,9 +48,9 @@ def _first_index(mask: Tensor) -> tuple[int, ...]:
     return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), mask.shape)) if mask.dim() else ()
 
 
-def finite(value: Tensor, name: str) -> Tensor:
+def finite(value: Tensor, name: str, *, hint: str = "clean or drop that sample before training") -> Tensor:
     """``value`` if it holds no NaN or Inf (integer tensors always pass); else a ValueError naming
-    ``name`` and the first bad index."""
+    ``name``, the first bad index, and ``hint`` (what to do about it)."""
     value = tensor(value, name)
     if not value.is_floating_point() and not value.is_complex():
         return value
@@ -61,7 +61,7 @@ def finite(value: Tensor, name: str) -> Tensor:
         where = _first_index(bad)
         what = "NaN" if bool(torch.isnan(value[where])) else "Inf"
         at = "" if not where else f" at index {where[0] if len(where) == 1 else where}"
-        raise ValueError(f"{name} holds {what}{at}: clean or drop that sample before training")
+        raise ValueError(f"{name} holds {what}{at}: {hint}")
     return value
 
 
