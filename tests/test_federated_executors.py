@@ -213,3 +213,21 @@ def test_each_client_trains_from_its_own_start_row_and_reports_its_update_from_i
     assert torch.allclose(shared, rows, atol=1e-6, rtol=0)  # (P,) is (M, P) with equal rows
     with pytest.raises(ValueError, match=r"start weights must be \(9610,\) for everyone or \(5, 9610\)"):
         run_all.train(model, start[:2], clients, plan, config)
+
+
+def test_a_dropout_model_gives_the_same_numbers_for_the_same_seed_whatever_the_global_rng(iid10):
+    """The model's own dropout masks come from a stream fixed by FedConfig.seed, not torch's global RNG."""
+    runs = []
+    for disturb in (1, 2, 3):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10))
+        fl = FederatedAveraging(model, iid10, config=FedConfig(executor="sequential", seed=7))
+        torch.manual_seed(disturb)
+        fl.fit(rounds=2)
+        runs.append(fl.weights.clone())
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[1], runs[2])
+    torch.manual_seed(0)
+    other = FederatedAveraging(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.3),
+                                             nn.Linear(32, 10)), iid10, config=FedConfig(executor="sequential", seed=8))
+    other.fit(rounds=2)
+    assert not torch.equal(other.weights, runs[0])

@@ -163,7 +163,13 @@ class FederatedProtocol:
         """The training clients' updates (M, P), each relative to the weights it received
         (``start``: (P,) or (M, P), from :meth:`_download`), after malicious clients rewrote
         theirs (written into ``out`` when given)."""
-        updates, losses = self.executor.train(self.model, start, self.data, plan, self.config, out)
+        # A model's own random layers (dropout) draw from torch's global RNG: give it a stream fixed
+        # by the config's seed and where the run is, so same seed, same numbers (and exact resume).
+        stream = (self.config.seed * 1_000_003 + self.wire.step * 7_919 + self.round * 104_729
+                  + int(plan.clients[0]) if len(plan.clients) else 0) % 2**62
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(stream)
+            updates, losses = self.executor.train(self.model, start, self.data, plan, self.config, out)
         load_flat_state(self.model, self.weights)
         for fn in {id(f): f for f in self.malicious.values()}.values():
             bad = torch.tensor([c for c, f in self.malicious.items() if f is fn])
