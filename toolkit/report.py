@@ -3,7 +3,8 @@
     python -m toolkit.report notebooks/00_quickstart.ipynb --out reports [--smoke]
 
 The notebook runs in its own folder with a fresh kernel; ``--smoke`` sets ``LEAKLAB_SMOKE=1``,
-which notebooks read in their first (``parameters``) cell to pick settings that run in seconds.
+which notebooks read in their first (``parameters``) cell to pick settings that run in seconds;
+``--threads N`` caps the kernel's torch/OpenMP/MKL threads (parallel test workers use 1).
 """
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ def _env(**values: str):
                 os.environ[k] = v
 
 
-def execute(path: str | Path, *, smoke: bool = False, timeout: int = 600):
+def execute(path: str | Path, *, smoke: bool = False, timeout: int = 600, threads: int | None = None):
     """Execute a notebook in a fresh kernel (cwd = its folder); returns the executed notebook.
 
+    ``threads`` sets ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` for the kernel (a separate
+    process; torch reads them at start-up); None leaves them as they are.
     Raises ``nbclient.exceptions.CellExecutionError`` naming the failing cell on error.
     """
     import nbformat
@@ -43,8 +46,14 @@ def execute(path: str | Path, *, smoke: bool = False, timeout: int = 600):
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no notebook at {path}")
+    env = {SMOKE_ENV: "1" if smoke else "0", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    if threads is not None:
+        from toolkit.validate import positive_int
+
+        positive_int("threads", threads)
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     nb = nbformat.read(path, as_version=4)
-    with _env(**{SMOKE_ENV: "1" if smoke else "0", "PYTHONWARNINGS": "ignore::DeprecationWarning"}):
+    with _env(**env):
         client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                                 resources={"metadata": {"path": str(path.parent.resolve())}})
         client.execute()
@@ -78,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="reports")
     parser.add_argument("--smoke", action="store_true", help="settings that run in seconds")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per cell")
+    parser.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads in the kernel")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    nb = execute(args.notebook, smoke=args.smoke, timeout=args.timeout)
+    nb = execute(args.notebook, smoke=args.smoke, timeout=args.timeout, threads=args.threads)
     written = write_report(nb, Path(args.notebook).stem, args.out)
     print(f"ran {args.notebook} in {time.perf_counter() - start:.1f} s")
     print(f"report: {written[0]}")
