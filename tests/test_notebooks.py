@@ -20,7 +20,10 @@ def _figures(cell) -> int:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_every_cell_and_draws_its_figures_in_smoke_mode(path, tmp_path):
+def test_notebook_runs_every_cell_and_draws_its_figures_in_smoke_mode(path, tmp_path, monkeypatch):
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if shared.is_dir():  # the project's real MNIST test set, as data.default_root() (the kernel inherits it)
+        monkeypatch.setenv("LEAKLAB_DATA", str(shared))
     nb = execute(path, smoke=True, timeout=300, threads=THREADS)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code and [c.execution_count for c in code] == list(range(1, len(code) + 1))
