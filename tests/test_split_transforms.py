@@ -11,6 +11,8 @@ from torch import nn
 from toolkit.split import SplitConfig, SplitNN
 from toolkit.wire import Wire, straight_through
 
+from test_split import monolithic  # noqa: E402  (tests/ is on sys.path): the unsplit reference loop
+
 CFG = SplitConfig(lr=0.05, batch_size=64, momentum=0.9, seed=3)
 
 
@@ -96,27 +98,12 @@ def parts(name, cuts=2):
     return head, middle, tail
 
 
-def monolithic(modules, ds, epochs):
-    net = nn.Sequential(*modules)
-    opt = CFG.make_optimizer()(net.parameters())
-    g = torch.Generator().manual_seed(CFG.seed)
-    losses = []
-    for _ in range(epochs):
-        for idx in torch.randperm(len(ds.y_train), generator=g).split(CFG.batch_size):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(net(ds.x_train[idx]), ds.y_train[idx])
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    return losses
-
-
 @pytest.mark.parametrize("op", list(OPS))
 def test_vanilla_split_with_a_wire_transform_equals_the_network_with_the_operation_inserted(digits, op):
     head, middle, tail = parts(op, cuts=1)
     client, server = head, nn.Sequential(*middle, *tail)
     twin_client, twin_server = copy.deepcopy(client), copy.deepcopy(server)
-    ref = monolithic([twin_client, Inserted(OPS[op]()), twin_server], digits, epochs=2)
+    ref = monolithic(nn.Sequential(twin_client, Inserted(OPS[op]()), twin_server), digits, CFG, epochs=2)
     sl = SplitNN.vanilla(client, server, digits, config=CFG, wire=Wire([OnActivations(OPS[op]())]))
     history = sl.fit(epochs=2)
     assert history["loss"].tolist() == pytest.approx(ref, abs=1e-6)
@@ -133,7 +120,8 @@ def test_u_shaped_split_with_a_transform_on_both_crossings_equals_the_network(di
     head, middle, tail = parts(op)
     twins = [copy.deepcopy(m) for m in (head, middle, tail)]
     transform = OPS[op]()  # one transform object, applied at both cuts in turn, as the wire does
-    ref = monolithic([twins[0], Inserted(transform), twins[1], Inserted(transform), twins[2]], digits, epochs=1)
+    ref = monolithic(nn.Sequential(twins[0], Inserted(transform), twins[1], Inserted(transform), twins[2]), digits, CFG,
+                     epochs=1)
     sl = SplitNN.u_shaped(head, middle, tail, digits, config=CFG, wire=Wire([OnActivations(OPS[op]())]))
     history = sl.fit(epochs=1)
     assert history["loss"].tolist() == pytest.approx(ref, abs=1e-6)
