@@ -20,7 +20,10 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
+
+import numpy as np
 
 import torch
 from torch import Tensor
@@ -95,21 +98,26 @@ def labels(value: Any, name: str, *, n_classes: int | None = None, length: int |
 
 
 # -- numbers -------------------------------------------------------------------------------------
+# Python and NumPy numbers count (numbers.Integral / numbers.Real); bools never do.
+def _integral(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def _real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
 
 
 def positive_int(name: str, value: Any) -> int:
-    """``value`` if it is an int >= 1 (not a bool, not 2.0)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """``value`` as an int if it is an integer >= 1 (a Python or NumPy int; not a bool, not 2.0)."""
+    if not _integral(value) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 def non_negative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not _integral(value) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    return value
+    return int(value)
 
 
 def positive(name: str, value: Any) -> float:

@@ -106,11 +106,6 @@ class Dataset:
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-def _scalar(value):
-    """A NumPy scalar as the Python number it holds (``toolkit.validate`` checks Python numbers)."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
 def _split(y: np.ndarray, seed: int, test_size: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
     """Stratified train/test row indices for labels ``y``."""
     idx = np.arange(len(y))
@@ -123,7 +118,7 @@ def _images(x: np.ndarray, scale: float, image_size: int | None) -> Tensor:
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32) / scale)
     if image_size is None:
         return t
-    validate.positive_int("image_size", _scalar(image_size))
+    validate.positive_int("image_size", image_size)
     t = F.interpolate(t, size=(image_size, image_size), mode="bilinear", align_corners=False)
     return t.clamp_(0.0, 1.0)
 
@@ -175,8 +170,8 @@ LOAN_FEATURES = ["age", "income", "loan_amount", "credit_score", "employment_yea
 
 
 def _loan(*, root: Path | None, seed: int, n_samples: int = 10_000, positive_rate: float = 0.2) -> Dataset:
-    n_samples = validate.positive_int("n_samples", _scalar(n_samples))
-    positive_rate = validate.fraction("positive_rate", _scalar(positive_rate), zero=False)
+    n_samples = validate.positive_int("n_samples", n_samples)
+    positive_rate = validate.fraction("positive_rate", positive_rate, zero=False)
     if min(positive_rate, 1 - positive_rate) * n_samples < 10:
         raise ValueError(f"n_samples={n_samples} with positive_rate={positive_rate} leaves fewer than "
                          "10 samples in one class; use more samples")
@@ -283,7 +278,7 @@ def load(name: str, *, root: str | Path | None = None, seed: int = 0, download: 
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
-    seed = validate.non_negative_int("seed", _scalar(seed))
+    seed = validate.non_negative_int("seed", seed)
     if not isinstance(download, bool) or not isinstance(show_progress, bool):
         raise TypeError(f"download and show_progress must be True or False, got {download!r} and {show_progress!r}")
     builder = DATASETS[name]

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from toolkit import validate
 
-from .datasets import Dataset, _scalar
+from .datasets import Dataset
 
 
 def _labels(labels: Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
@@ -23,8 +23,8 @@ def _labels(labels: Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
 
 
 def _check_parties(n_parties: int, n: int, seed: int) -> int:
-    validate.non_negative_int("seed", _scalar(seed))
-    n_parties = validate.positive_int("n_parties", _scalar(n_parties))
+    validate.non_negative_int("seed", seed)
+    n_parties = validate.positive_int("n_parties", n_parties)
     if n_parties > n:
         raise ValueError(f"n_parties must lie between 1 and the number of samples ({n}), got {n_parties}")
     return n_parties
@@ -78,9 +78,9 @@ def dirichlet(labels: Tensor, n_parties: int, *, alpha: float, seed: int = 0, mi
     """
     y = _labels(labels)
     n_parties = _check_parties(n_parties, len(y), seed)
-    alpha = validate.positive("alpha", _scalar(alpha))
-    min_size = validate.non_negative_int("min_size", _scalar(min_size))
-    max_attempts = validate.positive_int("max_attempts", _scalar(max_attempts))
+    alpha = validate.positive("alpha", alpha)
+    min_size = validate.non_negative_int("min_size", min_size)
+    max_attempts = validate.positive_int("max_attempts", max_attempts)
     if n_parties * min_size > len(y):
         raise ValueError(f"{n_parties} parties x min_size={min_size} needs {n_parties * min_size} samples, "
                          f"only {len(y)} available")
@@ -122,7 +122,7 @@ def shards(labels: Tensor, n_parties: int, *, shards_per_party: int = 2, seed: i
     """
     y = _labels(labels)
     n_parties = _check_parties(n_parties, len(y), seed)
-    shards_per_party = validate.positive_int("shards_per_party", _scalar(shards_per_party))
+    shards_per_party = validate.positive_int("shards_per_party", shards_per_party)
     n_shards = n_parties * shards_per_party
     if n_shards > len(y):
         raise ValueError(f"{n_parties} parties x shards_per_party={shards_per_party} = {n_shards} shards, "
@@ -182,7 +182,7 @@ def _image_part(x: Tensor, where: str) -> Tensor:  # x: (N, C, H, W)
 def _column_groups(ds: Dataset, parts: int | Sequence[Sequence[str | int]]) -> list[list[int]]:
     n_features = ds.x_train.shape[1]
     if isinstance(parts, (int, np.integer)) and not isinstance(parts, bool):
-        parts = validate.positive_int("parts", _scalar(parts))
+        parts = validate.positive_int("parts", parts)
         if parts > n_features:
             raise ValueError(f"parts must lie between 1 and the {n_features} features, got {parts}")
         return [g.tolist() for g in np.array_split(np.arange(n_features), parts)]

@@ -165,8 +165,8 @@ class FederatedProtocol:
         theirs (written into ``out`` when given)."""
         # A model's own random layers (dropout) draw from torch's global RNG: give it a stream fixed
         # by the config's seed and where the run is, so same seed, same numbers (and exact resume).
-        stream = (self.config.seed * 1_000_003 + self.wire.step * 7_919 + self.round * 104_729
-                  + int(plan.clients[0]) if len(plan.clients) else 0) % 2**62
+        first = int(plan.clients[0]) if len(plan.clients) else 0
+        stream = (self.config.seed * 1_000_003 + self.wire.step * 7_919 + self.round * 104_729 + first) % 2**62
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(stream)
             updates, losses = self.executor.train(self.model, start, self.data, plan, self.config, out)

@@ -72,8 +72,7 @@ class SplitNN(Configurations):
         self.parties = pipeline.parties + [t.owner for t in self.tasks
                                            if all(t.owner is not p for p in pipeline.parties)]
         self.hooks = self._check_hooks(hooks)
-        last = pipeline.stages[-1]
-        self._responder = next((h for n, h in self.hooks.items() if h.responds and n == last[0].party.name), None)
+        self._responder = next((h for h in self.hooks.values() if h.responds), None)  # at the last party (checked)
         if not self.tasks and self._responder is None:
             raise ValueError("a SplitNN needs at least one task (labels and a loss)")
         self._inputs = [(seg.party, seg.data_key) for seg in pipeline.stages[0]]
