@@ -20,7 +20,7 @@ server when the mean of the last ``window`` scores falls below ``threshold`` (``
 on a single low score); ``flagged_at`` is the first such step and the flag stays. Defaults are
 set for short CPU runs: one fake batch in 5 (the reference code: 1 in 10), a 10-step warm-up
 (20), threshold 0.5, window 3. Measured in ``tests/test_fsha.py`` (digits, 400 steps): FSHA is
-flagged at step 28, long before its reconstruction MSE first drops below 0.05 (step 177); honest
+flagged at step 28, long before its reconstruction MSE first drops below 0.05 (step 157); honest
 split training is never flagged: 79 of its 80 scores are above 0.98, one early score (step 28, the
 third) is 0.18, which the window of 3 absorbs. The tests assert a flag before step 50 and before
 the MSE crossing, and for honest training no flag with 95 % of the scores above 0.9. The scores use every gradient since the
