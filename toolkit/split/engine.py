@@ -150,14 +150,21 @@ class Pipeline:
         """The last stage's outputs from what its segments received (see :meth:`deliver`)."""
         return [seg.module(x) for seg, x in zip(self.stages[-1], received)]
 
-    def deliver(self, inputs: Sequence[Tensor], *, train: bool) -> tuple[list[Tensor], list[list[Crossing]]]:
+    def deliver(self, inputs: Sequence[Tensor], *, train: bool,
+                first: Callable[[Segment, Tensor, Tensor], None] | None = None
+                ) -> tuple[list[Tensor], list[list[Crossing]]]:
         """Run every stage but the last; returns what each last-stage segment receives (after a
-        merge at the receiver) and the crossings made per hand-over."""
+        merge at the receiver) and the crossings made per hand-over. ``first(segment, inputs,
+        outputs)`` is called for each first-stage segment (a party's look at its own cut-layer
+        outputs, e.g. a loss term on them)."""
         hops: list[list[Crossing]] = []
         h = list(inputs)
         last = len(self.stages) - 1
         for i, stage in enumerate(self.stages[:last]):
             outs = [seg.module(x) for seg, x in zip(stage, h)]
+            if i == 0 and first is not None:
+                for seg, x, o in zip(stage, h, outs):
+                    first(seg, x, o)
             nxt = self.stages[i + 1]
             crossings: list[Crossing] = []
             if len(nxt) == 1:  # 1 -> 1, or n -> 1 with a merge at the receiver
@@ -190,25 +197,44 @@ class Pipeline:
         return got
 
     def backward(self, loss: Tensor | None, hops: list[list[Crossing]], *,
-                 received: Sequence[Tensor] = (), gradients: Sequence[Tensor] = ()) -> dict[str, list[Tensor]]:
+                 received: Sequence[Tensor] = (), gradients: Sequence[Tensor] = (),
+                 local: Sequence[Tensor] = (),
+                 outgoing: Callable[[str, Tensor], Tensor] | None = None) -> dict[str, list[Tensor]]:
         """Backpropagate ``loss`` at its party (or, for a last stage that computes its own
         gradients, ``gradients`` with respect to what it ``received``), then hand gradients back
-        across each crossing. Returns the gradients each party received over the wire."""
+        across each crossing. Returns the gradients each party received over the wire.
+
+        ``local`` holds scalar loss terms of first-stage parties on their own outputs (they
+        backpropagate with the gradients those parties receive); ``outgoing(party, gradient)``
+        is what ``party`` sends back instead of the gradient it computed (same shape).
+        """
+        local = [term for term in local if term.requires_grad]  # a frozen party's term trains nothing
+        if not hops and local:  # one stage: the local terms join the loss
+            loss = sum(local, loss) if loss is not None else sum(local[1:], local[0])
+            local = []
         if loss is not None:
             loss.backward()
         elif received:
             torch.autograd.backward(list(received), list(gradients))
         wire = self.wire
         got_by: dict[str, list[Tensor]] = {}
-        for crossings in reversed(hops):
+        for i in reversed(range(len(hops))):
             sent, grads = [], []
-            for t, leaf, src, dst in crossings:
+            for t, leaf, src, dst in hops[i]:
                 if leaf.grad is None or not t.requires_grad:
                     continue  # the receiver did not use it, or the sender has nothing to train
-                g = wire.send(leaf.grad, sender=dst, receiver=src, kind="gradients")
+                answer = leaf.grad if outgoing is None else outgoing(dst, leaf.grad)
+                if not isinstance(answer, Tensor) or answer.shape != leaf.grad.shape:
+                    got = tuple(answer.shape) if isinstance(answer, Tensor) else type(answer).__name__
+                    raise ValueError(f"{dst} must send back a gradient of shape {tuple(leaf.grad.shape)} "
+                                     f"for the tensor it received from {src}, got {got}")
+                g = wire.send(answer.detach(), sender=dst, receiver=src, kind="gradients")
                 got_by.setdefault(src, []).append(g)
                 grads.append(g)
                 sent.append(t)
+            if i == 0 and local:
+                sent += local
+                grads += [torch.ones_like(term) for term in local]
             if sent:
                 torch.autograd.backward(sent, grads)
         return got_by

@@ -87,6 +87,7 @@ class SplitNN(Configurations):
         self.epoch = 0
         self.history = pd.DataFrame()
         self.batches: dict[int, Tensor] = {}  # step -> training rows used: ground truth for scoring attacks
+        self.logged: dict[int, dict[str, float]] = {}  # step -> values hooks logged (Hook.record)
 
     # -- validation: data enters here, once --------------------------------------------------
     def _check_hooks(self, hooks: Mapping[str, Hook] | None) -> dict[str, Hook]:
@@ -174,7 +175,9 @@ class SplitNN(Configurations):
             self.batches[step] = idx
             for p in parties:
                 p.zero_grad()
-            received, hops = pipeline.deliver([x[idx] for x in inputs], train=True)
+            local: list[Tensor] = []
+            received, hops = pipeline.deliver([x[idx] for x in inputs], train=True,
+                                              first=self._loss_terms(step, local))
             ys = []
             for task, y_all, at, n_classes in zip(tasks, labels, loss_party, classes):
                 y = y_all[idx]
@@ -185,7 +188,8 @@ class SplitNN(Configurations):
                 ys.append(y)
             if self._responder is not None:  # a last party that answers with its own gradients
                 grads = self._respond(step, received, ys[0] if ys else None)
-                got = pipeline.backward(None, hops, received=received, gradients=grads)
+                got = pipeline.backward(None, hops, received=received, gradients=grads, local=local,
+                                        outgoing=self._outgoing(step, {}))
                 nan = torch.tensor(math.nan)
                 stats = [(nan, nan) for _ in tasks]
             else:
@@ -197,12 +201,39 @@ class SplitNN(Configurations):
                     total = loss if total is None else total + loss
                     correct = (out.detach().argmax(1) == y).sum() if _classifies(task) else torch.tensor(math.nan)
                     stats.append((loss.detach(), correct))
-                got = pipeline.backward(total, hops)
+                scored = {p.name: y for p, y in zip(loss_party, ys)}  # the labels each party scored (first task)
+                got = pipeline.backward(total, hops, local=local, outgoing=self._outgoing(step, scored))
             stepping = [p for p in parties
                         if p.name not in hooks or hooks[p.name].check(step, p, got.get(p.name, []))]
             for p in stepping:
                 p.step()
+            logged = {k: v for h in hooks.values() for k, v in h.record(step).items()}
+            if logged:
+                self.logged[step] = logged
             yield step, len(idx), stats, wire.total_bytes
+
+    def _loss_terms(self, step: int, into: list[Tensor]):
+        """The callback collecting first-stage parties' loss terms (:meth:`Hook.loss`) into ``into``."""
+        hooks = self.hooks
+        if not any(type(h).loss is not Hook.loss for h in hooks.values()):
+            return None
+
+        def collect(segment, x: Tensor, out: Tensor) -> None:
+            hook = hooks.get(segment.party.name)
+            term = hook.loss(step, x, out) if hook is not None else None
+            if term is not None:
+                if not isinstance(term, Tensor) or term.dim() != 0:
+                    raise ValueError(f"{segment.party.name}'s hook must return a scalar loss term (or None), got "
+                                     f"{tuple(term.shape) if isinstance(term, Tensor) else type(term).__name__}")
+                into.append(term)
+        return collect
+
+    def _outgoing(self, step: int, scored: dict[str, Tensor]):
+        """What each party sends back for a tensor it received (:meth:`Hook.gradients`)."""
+        hooks = {name: h for name, h in self.hooks.items() if type(h).gradients is not Hook.gradients}
+        if not hooks:
+            return None
+        return lambda party, g: hooks[party].gradients(step, g, scored.get(party)) if party in hooks else g
 
     def _respond(self, step: int, received: list[Tensor], labels: Tensor | None) -> list[Tensor]:
         grads = list(self._responder.respond(step, received, labels))  # type: ignore[union-attr]
@@ -249,6 +280,8 @@ class SplitNN(Configurations):
         cols["loss"] = torch.stack(losses).sum(0).tolist() if losses else nan
         cols["accuracy"] = torch.stack(accs).mean(0).tolist() if accs else nan
         cols["bytes"] = list(nbytes)
+        for key in dict.fromkeys(k for s in steps for k in self.logged.get(s, {})):
+            cols[key] = [self.logged.get(s, {}).get(key, math.nan) for s in steps]
         return pd.DataFrame(cols)
 
     def fit(self, epochs: int | None = 1, *, steps: int | None = None, show_progress: bool = False,
