@@ -139,3 +139,40 @@ def plot_partition(datasets, *, ax: Axes | None = None, n_classes: int | None = 
     ax.set_ylabel("samples")
     ax.legend(title="label", ncols=2, fontsize="small", bbox_to_anchor=(1.01, 1), loc="upper left")
     return fig, ax
+
+
+LABELS = {"accuracy": "test accuracy", "dcor": "distance correlation dCor(X, Z)", "ssim": "attack SSIM",
+          "psnr": "attack PSNR (dB)", "auc": "attack AUC", "epsilon_rdp": "epsilon (RDP)",
+          "epsilon_prv": "epsilon (PRV)", "bytes": "bytes on the wire", "seconds": "seconds"}
+
+
+def plot_tradeoff(results: pd.DataFrame, x: str = "dcor", y: str = "accuracy", *, parameter: str | None = None,
+                  ax: Axes | None = None, label: str | None = None, annotate: bool = True) -> tuple[Figure, Axes]:
+    """A privacy-utility curve from a sweep (:func:`toolkit.experiments.sweep`): the mean of ``y``
+    against the mean of ``x`` per value of ``parameter``, joined in parameter order, with bars of
+    one standard deviation over seeds in both directions, each point labelled with its value.
+
+    ``parameter`` defaults to the sweep's first column. Draw several defenses on one ``ax`` (each
+    with its ``label``) to compare them at equal leakage or equal utility.
+    """
+    parameter = parameter or results.columns[0]
+    for col in (x, y, parameter):
+        if col not in results.columns:
+            raise ValueError(f"the sweep has no column {col!r}; it has {list(results.columns)}")
+    if results[[x, y]].isna().all().any():
+        raise ValueError(f"the sweep's {x!r} or {y!r} column holds no values")
+    stats = results.groupby(parameter, sort=True)[[x, y]].agg(["mean", "std"]).fillna(0.0)  # std of one seed: 0
+    fig, ax = _axes(ax, (5.5, 4))
+    line = ax.errorbar(stats[(x, "mean")], stats[(y, "mean")], xerr=stats[(x, "std")], yerr=stats[(y, "std")],
+                       marker="o", capsize=3, label=label or parameter)
+    if annotate:
+        for value, (mx, my) in zip(stats.index, zip(stats[(x, "mean")], stats[(y, "mean")])):
+            ax.annotate(f"{parameter}={value:g}" if isinstance(value, (int, float)) else str(value), (mx, my),
+                        textcoords="offset points", xytext=(4, 4), fontsize="x-small", color=line[0].get_color())
+    n_seeds = results.groupby(parameter).size().max()
+    ax.set_xlabel(LABELS.get(x, x))
+    ax.set_ylabel(LABELS.get(y, y))
+    ax.set_title(f"{LABELS.get(y, y)} against {LABELS.get(x, x)}" + (f" (mean ± sd of {n_seeds} seeds)" if n_seeds > 1 else ""),
+                 fontsize="medium")
+    ax.legend(fontsize="small")
+    return fig, ax
