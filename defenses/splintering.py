@@ -47,7 +47,8 @@ reads everything it receives, knows this scheme and its parameters, but not the 
 * Masking reveals a matrix whose distribution depends on ``M`` only through its singular values
   (Gaussian masks are rotation invariant); decoys hide which one is real, but a server that knows
   ``M``'s spectrum is unusual (e.g. well conditioned) may tell it apart. ``|det A| = |det P| |det
-  M| |det Q|`` is another noisy clue.
+  M| |det Q|`` is another noisy clue. Precision: ``A``'s condition number is up to the masks'
+  times ``M``'s, so use float64 (48x48 in ``benchmarks/splintering.py``: max error 3e-8 to 6e-7).
 * Nothing here is cryptographic: there is no proof and no security parameter. Written by hand:
   no library implements splintering.
 
@@ -62,16 +63,19 @@ Example (inner products with a server's private records, set-up i):
 from __future__ import annotations
 
 from collections.abc import Callable
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 from torch import Tensor
 
-from toolkit import validate
+from toolkit import metrics, validate
 from toolkit.wire import Wire
 
 __all__ = ["Splinter", "Secret", "check_linear", "splintered", "inner_products", "outsource",
-           "MASKED", "GaussianPrior", "span_attack"]
+           "MASKED", "GaussianPrior", "span_attack", "decoy_sweep"]
 
 
 @dataclass(frozen=True)
@@ -322,3 +326,40 @@ def span_attack(rows: Tensor, prior: GaussianPrior) -> Tensor:
         raise ValueError(f"rows hold {s.shape[1]} values each, the prior {len(prior.mean)}")
     a = torch.linalg.lstsq(prior.whiten @ s.T, (prior.whiten @ prior.mean)[:, None]).solution
     return (s.T @ a)[:, 0].reshape(prior.shape).to(rows.dtype)
+
+
+def decoy_sweep(secrets: Tensor, records: Tensor, prior: GaussianPrior, decoys: Sequence[int], *,
+                n_shares: int = 2, generator: torch.Generator | None = None) -> pd.DataFrame:
+    """Cost and leakage of set-up (i) per decoy count, beside the plain computation (first row).
+
+    For each count: the inner products of ``secrets`` (B, D) with ``records`` (K, D) through a
+    Wire (bytes up and down, seconds), then :func:`span_attack` on each secret's rows sent alone
+    (the grouping known: the worst case) scored against the truth: MSE and PSNR on data in [0, 1],
+    and cosine similarity. The plain row is the server reading ``x`` itself (``n_decoys`` missing).
+    One row per setting, ready for seaborn.
+    """
+    secrets = validate.finite(validate.tensor(secrets, "secrets", min_dim=2), "secrets")
+    flat = secrets.reshape(len(secrets), -1)
+
+    def row(name, d, estimates, wire, seconds):
+        led = wire.ledger().groupby("kind").bytes.sum()
+        return {"defense": name, "n_decoys": d, "rows_per_sample": 1 if d is None else n_shares + d,
+                "bytes_up": int(led.drop("results", errors="ignore").sum()), "bytes_down": int(led.get("results", 0)),
+                "seconds": seconds, "attack_mse": float(metrics.mse(estimates[:, None, None], flat[:, None, None]).mean()),
+                "attack_psnr": float(metrics.psnr(estimates[:, None, None], flat[:, None, None]).mean()),
+                "attack_cosine": float(torch.nn.functional.cosine_similarity(estimates, flat).mean())}
+
+    wire = Wire()
+    start = time.perf_counter()
+    got = wire.send(flat, sender="client", receiver="server", kind="activations")
+    wire.send(got @ records.T.to(got.dtype), sender="server", receiver="client", kind="results")
+    rows = [row("plain", None, flat, wire, time.perf_counter() - start)]
+    for d in decoys:
+        splinter, wire = Splinter(n_shares, d, generator=generator), Wire()
+        start = time.perf_counter()
+        inner_products(flat, records, splinter=splinter, wire=wire)
+        seconds = time.perf_counter() - start
+        estimates = torch.stack([span_attack(splinter.split(x[None])[0], prior) for x in flat])
+        rows.append(row("splintering", d, estimates.reshape(len(flat), -1), wire, seconds))
+    frame = pd.DataFrame(rows)
+    return frame.astype({"n_decoys": "Int64"})
