@@ -168,7 +168,7 @@ def sum_kl(lam10: float, lam20: float, lam11: float, lam21: float, *, u: float, 
     return 0.5 * ((d - 1) * perp + (a0 + g) / a1 + (a1 + g) / a0) - d
 
 
-GRID = 33  # budget splits tried between the orthogonal and the parallel noise before refining
+GRID = 12  # budget splits tried between the orthogonal and the parallel noise before refining
 
 
 def solve_marvell(*, u: float, v: float, d: int, g: float, p: float,
