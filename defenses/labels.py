@@ -248,8 +248,8 @@ class Marvell(LabelDefense):
     all labels seen so far; until both classes have been seen the gradient is sent unchanged.
 
     Args:
-        power: the authors' ``init_scale`` (>= 0): the expected squared noise norm per sample, in
-            units of ``|m1 - m0|^2``.
+        power: the authors' ``init_scale`` (>= 0): the expected squared noise norm per sample
+            (averaged over the classes, weighted by ``p``), in units of ``|m1 - m0|^2``.
         generator: the random stream of the noise.
 
     Example:

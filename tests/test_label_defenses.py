@@ -96,9 +96,16 @@ def test_max_norm_equalizes_expected_squared_norms(mode):
     assert mean_sq.max() / target == pytest.approx(1.0, abs=0.08)  # worst row; sd ~2 % per row here
     assert mean_sq.min() / target == pytest.approx(1.0, abs=0.08)
     assert float(grads.square().sum(1).min()) / target < 0.01  # before: a hundredfold spread
-    if mode == "scalar":  # along the row's own direction
+    if mode == "scalar":  # along the row's own direction, its sign flipped with probability Phi(-1/sigma_i)
         cos = F.cosine_similarity(draws[0], grads, dim=1).abs()
         assert torch.allclose(cos, torch.ones_like(cos), atol=1e-4)
+        sigma = (target / grads.square().sum(1) - 1).sqrt()  # (B,)
+        flipped = ((draws * grads).sum(2) < 0).double().mean(0)  # (B,)
+        phi = torch.distributions.Normal(0.0, 1.0).cdf(-1 / sigma).double()
+        assert torch.allclose(flipped, phi, atol=0.03)  # 4000 draws: sd <= 0.008
+        zero = grads.clone()
+        zero[7] = 0.0
+        assert torch.equal(defense.gradients(1, zero, None)[7], torch.zeros(16))  # a zero row stays zero
 
 
 def test_isotropic_noise_has_the_stated_std():
@@ -147,6 +154,8 @@ def test_marvell_solver_matches_the_authors_closed_form_without_gradient_noise(p
 def test_no_feasible_point_beats_the_marvell_solver(u, v):
     d, g, p, power = 8, 3.0, 0.05, 1.5
     *lam, kl = solve_marvell(u=u, v=v, d=d, g=g, p=p, power=power)
+    assert (*lam, kl) == solve_marvell(u=u, v=v, d=d, g=g, p=p, power=power)  # deterministic
+    assert (lam[3] if u <= v else lam[1]) == 0.0  # orthogonal noise only on the smaller-variance class
     spent = p * (lam[2] + (d - 1) * lam[3]) + (1 - p) * (lam[0] + (d - 1) * lam[1])
     assert spent == pytest.approx(power * g, rel=1e-6)  # the whole budget
     assert lam[1] <= lam[0] and lam[3] <= lam[2]
@@ -179,6 +188,7 @@ def test_marvell_spends_its_power_and_defeats_the_norm_attack_on_a_rare_positive
     assert power == pytest.approx(4.0 * gap, rel=0.05)  # E|noise|^2 = P = power * |m1 - m0|^2
     assert strong.record(1)["sumkl"] < weak.record(1)["sumkl"]
     assert 0 < weak.record(1)["error_bound"] < strong.record(1)["error_bound"] < 0.5
+    assert strong.record(1)["error_bound"] == 0.5 - math.sqrt(strong.record(1)["sumkl"]) / 4
 
 
 def test_marvell_with_one_class_uses_the_last_seen_statistics():
