@@ -47,6 +47,11 @@ class FederatedProtocol:
         compressor: a Compressor applied to uploads (e.g. ``TopK(0.01)``), or None.
         malicious: client index -> callable rewriting that client's update rows
             (``fn(updates (M, P), generator=...) -> (M, P)``, see ``attacks.poisoning``).
+        monitors: callables ``fn(protocol, plan) -> dict`` that FedAvg calls after every round;
+            their columns join that round's history row (e.g. a privacy accountant's epsilon).
+            An aggregator with a ``report() -> dict`` method is read the same way, every round.
+            An aggregator or monitor with ``state_dict()``/``load_state_dict()`` (tensors and plain
+            data) is checkpointed with the protocol.
     """
 
     name = "federated"
@@ -54,7 +59,8 @@ class FederatedProtocol:
     def __init__(self, model: nn.Module, clients: Sequence | ClientData, *, test: Any = None,
                  config: FedConfig | None = None, wire: Wire | None = None,
                  aggregator: Aggregator | str = "mean", compressor: Compressor | None = None,
-                 malicious: Mapping[int, Callable[..., Tensor]] | None = None):
+                 malicious: Mapping[int, Callable[..., Tensor]] | None = None,
+                 monitors: Sequence[Callable[..., Mapping[str, Any]]] = ()):
         self.config = config or FedConfig()
         if not isinstance(self.config, FedConfig):
             raise TypeError(f"config must be a FedConfig, got {type(self.config).__name__}")
@@ -81,6 +87,10 @@ class FederatedProtocol:
         bad = [c for c in self.malicious if not 0 <= c < len(self.data)]
         if bad:
             raise ValueError(f"malicious client indices {bad} are not clients (there are {len(self.data)})")
+        self.monitors = list(monitors)
+        for m in self.monitors:
+            if not callable(m):
+                raise ValueError(f"a monitor must be callable as fn(protocol, plan) -> dict, got {m!r}")
         self.executor = make_executor(self.config)
         self.weights = flat_state(model).clone()  # (P,) global weights: parameters, then floating buffers
         self._check_model()
@@ -105,6 +115,11 @@ class FederatedProtocol:
     def _check_model(self) -> None:
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("the model has no parameter to train (every requires_grad is False)")
+        if self.config.per_sample_dp:
+            for name, module in self.model.named_modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    raise ValueError(f"per-sample DP-SGD needs each sample's own gradient, but {name} "
+                                     f"({type(module).__name__}) mixes the samples of a batch: use GroupNorm")
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()  # no BatchNorm statistics change
         try:
@@ -213,6 +228,21 @@ class FederatedProtocol:
                           RuntimeWarning, stacklevel=3)
         return received, clients, self.wire.total_bytes - before
 
+    def _reports(self, plan: RoundPlan) -> dict[str, Any]:
+        """The history columns the aggregator's ``report()`` and the monitors give for this round."""
+        row: dict[str, Any] = {}
+        report = getattr(self.aggregator, "report", None)
+        if callable(report):
+            row.update(report())
+        for monitor in self.monitors:
+            row.update(monitor(self, plan))
+        return row
+
+    def _parts(self) -> dict[str, Any]:
+        """The aggregator and monitors that keep state, by checkpoint key."""
+        parts = {"aggregator": self.aggregator, **{f"monitor {i}": m for i, m in enumerate(self.monitors)}}
+        return {k: p for k, p in parts.items() if callable(getattr(p, "state_dict", None))}
+
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -272,6 +302,7 @@ class FederatedProtocol:
             "wire": to_plain(self.wire.state_dict(), packet_classes()), "clients": len(self.data),
             "manifest": self.manifest(),
             "compressor": self.compressor.state_dict() if self.compressor is not None else None,
+            "parts": {k: p.state_dict() for k, p in self._parts().items()},
             **self._extra_state(),
         }
 
@@ -334,6 +365,12 @@ class FederatedProtocol:
             self.compressor.load_state_dict(state["compressor"])
         elif state["compressor"] is not None:
             raise ValueError("the checkpoint holds a compressor's state, this run has no compressor")
+        parts, saved = self._parts(), state.get("parts", {})
+        if type(saved) is not dict or set(saved) != set(parts):
+            raise ValueError(f"the checkpoint holds the state of {sorted(saved) if type(saved) is dict else saved!r}, "
+                             f"this run's stateful parts are {sorted(parts)}")
+        for key, part in parts.items():
+            part.load_state_dict(saved[key])
         self._load_extra_state(state)
 
     def _executor_ran(self) -> str:

@@ -78,8 +78,9 @@ class FederatedAveraging(FederatedProtocol):
             row.update(self.evaluate())
         row.update({"bytes_up": bytes_up, "bytes_down": bytes_down, "sampled": plan.sampled,
                     "clients": len(plan.clients), "dropped": len(plan.dropped), "rejected": rejected,
-                    "time": self.clock if self.delays is not None else float("nan"),
-                    "seconds": time.perf_counter() - start})
+                    "time": self.clock if self.delays is not None else float("nan")})
+        row.update(self._reports(plan))
+        row["seconds"] = time.perf_counter() - start
         return row
 
     def _extra_state(self) -> dict[str, Any]:
