@@ -184,8 +184,9 @@ class FederatedProtocol:
         stream = (self.config.seed * 1_000_003 + self.wire.step * 7_919 + self.round * 104_729 + first) % 2**62
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(stream)
-            updates, losses = self.executor.train(self.model, start, self.data, plan, self.config, out,
-                                                  generator=self.generator)
+            # the protocol's generator draws per-sample DP-SGD noise; executors written before it get no keyword
+            noise = {"generator": self.generator} if self.config.dp_noise_multiplier else {}
+            updates, losses = self.executor.train(self.model, start, self.data, plan, self.config, out, **noise)
         load_flat_state(self.model, self.weights)
         for fn in {id(f): f for f in self.malicious.values()}.values():
             bad = torch.tensor([c for c, f in self.malicious.items() if f is fn])
