@@ -47,11 +47,9 @@ class FederatedProtocol:
         compressor: a Compressor applied to uploads (e.g. ``TopK(0.01)``), or None.
         malicious: client index -> callable rewriting that client's update rows
             (``fn(updates (M, P), generator=...) -> (M, P)``, see ``attacks.poisoning``).
-        monitors: callables ``fn(protocol, plan) -> dict`` that FedAvg calls after every round;
-            their columns join that round's history row (e.g. a privacy accountant's epsilon).
-            An aggregator with a ``report() -> dict`` method is read the same way, every round.
-            An aggregator or monitor with ``state_dict()``/``load_state_dict()`` (tensors and plain
-            data) is checkpointed with the protocol.
+
+    An aggregator or monitor (see FederatedAveraging) with ``state_dict()``/``load_state_dict()``
+    (tensors and plain data) is checkpointed with the protocol.
     """
 
     name = "federated"
@@ -59,8 +57,7 @@ class FederatedProtocol:
     def __init__(self, model: nn.Module, clients: Sequence | ClientData, *, test: Any = None,
                  config: FedConfig | None = None, wire: Wire | None = None,
                  aggregator: Aggregator | str = "mean", compressor: Compressor | None = None,
-                 malicious: Mapping[int, Callable[..., Tensor]] | None = None,
-                 monitors: Sequence[Callable[..., Mapping[str, Any]]] = ()):
+                 malicious: Mapping[int, Callable[..., Tensor]] | None = None):
         self.config = config or FedConfig()
         if not isinstance(self.config, FedConfig):
             raise TypeError(f"config must be a FedConfig, got {type(self.config).__name__}")
@@ -87,10 +84,7 @@ class FederatedProtocol:
         bad = [c for c in self.malicious if not 0 <= c < len(self.data)]
         if bad:
             raise ValueError(f"malicious client indices {bad} are not clients (there are {len(self.data)})")
-        self.monitors = list(monitors)
-        for m in self.monitors:
-            if not callable(m):
-                raise ValueError(f"a monitor must be callable as fn(protocol, plan) -> dict, got {m!r}")
+        self.monitors: list[Callable[..., Mapping[str, Any]]] = []  # FederatedAveraging's
         self.executor = make_executor(self.config)
         self.weights = flat_state(model).clone()  # (P,) global weights: parameters, then floating buffers
         self._check_model()
