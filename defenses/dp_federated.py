@@ -109,7 +109,7 @@ class DPFedAvg(Aggregator):
         if k > self.clients_per_round:
             raise ValueError(f"DPFedAvg received {k} updates but was built for {self.clients_per_round} clients "
                              f"per round: the fixed denominator would understate the sensitivity")
-        norms = torch.linalg.vector_norm(updates.double(), dim=1)  # (K,)
+        norms = torch.linalg.vector_norm(updates, dim=1).double()  # (K,)
         factor = (self.clip / norms.clamp(min=1e-12)).clamp(max=1.0)  # (K,)
         total = factor.to(updates.dtype) @ updates  # (P,) sum of the clipped updates
         if self.noise_multiplier:

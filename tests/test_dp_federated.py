@@ -127,11 +127,11 @@ def test_the_noise_has_standard_deviation_noise_multiplier_times_clip_over_the_b
 def test_1000_clients_train_with_per_sample_dp_in_one_vectorized_pass(digits):
     clients = ClientData.from_indices(digits, data.iid(digits.y_train, 1000, seed=0))
     accountant = LocalDPAccountant(accountants=("rdp",))
-    config = FedConfig(batch_size=1, dp_max_grad_norm=1.0, dp_noise_multiplier=1.0)
+    config = FedConfig(batch_size=1, dp_max_grad_norm=1.0, dp_noise_multiplier=1.0, chunk_bytes=2**27)
     fl = FederatedAveraging(mlp(), clients, test=digits, config=config, monitors=[accountant])
     history = fl.fit(rounds=2)
     assert fl.executor.ran == "vectorized" and fl.executor.fallback is None
-    assert fl.executor.path == "hand-written MLP"
+    assert fl.executor.path == "hand-written MLP" and fl.executor.passes == 1
     assert history["clients"].tolist() == [1000, 1000]
     table = accountant.clients()
     assert len(table) == 1000 and set(table["samples"]) == {1, 2}

@@ -165,6 +165,7 @@ class VectorizedExecutor:
         self.ran: str | None = None
         self.fallback: str | None = None  # why the last call ran sequentially, or None
         self.path: str | None = None  # how the last vectorized pass got gradients: "hand-written MLP" or "vmap"
+        self.passes = 0  # chunks of clients the last vectorized call trained in (1: all at once)
         self._reasons: dict[tuple, str | None] = {}  # (model, data, batch size) -> why not vectorized
         self._sequential = SequentialExecutor()
         self._grad_fns: dict[tuple, tuple[str, object]] = {}  # -> (path, gradient function)
@@ -280,6 +281,7 @@ class VectorizedExecutor:
         if config.per_sample_dp and not (self.hand_written_mlp and BatchedMLP.supports(model, config.loss)):
             per_client += updates.element_size() * config.batch_size * n_train  # vmap's per-sample gradients
         chunk = max(1, self.chunk_bytes // per_client)
+        self.passes = -(-m // chunk)
         for lo in range(0, m, chunk):
             rows = slice(lo, min(lo + chunk, m))
             losses[rows] = self._train_chunk(model, layout, start if start.dim() == 1 else start[rows],
