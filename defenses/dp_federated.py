@@ -104,6 +104,14 @@ class DPFedAvg(Aggregator):
         n = validate.positive_int("total_clients", total_clients)
         return cls(clients_per_round=max(1, round(config.fraction * n)), total_clients=n, **kwargs)
 
+    def attach(self, protocol: Any) -> None:
+        """Refuse (ValueError) a FederatedAveraging run whose clients or cohort are not this one's."""
+        n = len(protocol.data)
+        m = max(1, round(protocol.config.fraction * n))
+        if (n, m) != (self.total_clients, self.clients_per_round):
+            raise ValueError(f"DPFedAvg was built for {self.clients_per_round} of {self.total_clients} clients per "
+                             f"round, but this run samples {m} of {n}: build it with DPFedAvg.for_config(config, {n}, ...)")
+
     def _aggregate(self, updates: Tensor, weights: Tensor | None) -> Tensor:
         k = len(updates)
         if k > self.clients_per_round:
@@ -172,19 +180,23 @@ class LocalDPAccountant:
         self._setting: tuple | None = None  # (z, batch size, local epochs, counts)
         self._cache: dict[tuple[float, int], dict[str, float]] = {}  # (sample rate, steps) -> report
 
-    def __call__(self, protocol: Any, plan: Any) -> dict[str, float]:
+    def attach(self, protocol: Any) -> None:
+        """Follow this run (FederatedAveraging calls it once); a ValueError if its local training is
+        not private or this accountant already follows another run."""
         config = protocol.config
         if not config.per_sample_dp:
             raise ValueError("LocalDPAccountant accounts per-sample DP-SGD, but this run's FedConfig has "
                              "dp_max_grad_norm 0 (local training is not private)")
+        if self._setting is not None:
+            raise ValueError("this LocalDPAccountant already follows a run: build a new one for each run")
         counts = protocol.data.counts
+        self._setting = (config.dp_noise_multiplier, config.batch_size, config.local_epochs, tuple(counts.tolist()))
+        self.participations = torch.zeros(len(counts), dtype=torch.long)
+
+    def __call__(self, protocol: Any, plan: Any) -> dict[str, float]:
         if self.participations is None:
-            self.participations = torch.zeros(len(counts), dtype=torch.long)
-        setting = (config.dp_noise_multiplier, config.batch_size, config.local_epochs, tuple(counts.tolist()))
-        if self._setting not in (None, setting):
-            raise ValueError("a LocalDPAccountant follows one run: build a new one for another config or data")
-        self._setting = setting
-        self.participations[plan.clients] += 1
+            self.attach(protocol)
+        self.participations[plan.clients] += 1  # type: ignore[index]
         table = self.clients()
         out = {f"client_epsilon_{a}": float(table[f"epsilon_{a}"].max()) for a in self.accountants}
         out["client_delta"] = self.delta

@@ -108,11 +108,12 @@ def test_noise_on_the_same_seed_gives_the_same_numbers_and_another_seed_others(d
     assert not torch.allclose(a, weights(2))
 
 
-def test_the_noise_has_standard_deviation_noise_multiplier_times_clip_over_the_batch(clients16):
+@pytest.mark.parametrize("executor", [SequentialExecutor, VectorizedExecutor], ids=["sequential", "vectorized"])
+def test_the_noise_has_standard_deviation_noise_multiplier_times_clip_over_the_batch(clients16, executor):
     model = mlp()
     start = flat_state(model).clone()
     plan = plan_round(clients16, fraction=1.0, dropout=0.0, epochs=1, generator=torch.Generator().manual_seed(0))
-    executor = VectorizedExecutor()
+    executor = executor()
     quiet, _ = executor.train(model, start, clients16, plan, FedConfig(batch_size=16, lr=1.0, dp_max_grad_norm=CLIP))
     quiet = quiet.clone()
     z = 2.0
@@ -263,4 +264,15 @@ def test_noise_without_a_generator_and_batch_statistics_are_refused(clients16, d
     with pytest.raises(ValueError, match="mixes the samples of a batch"):
         FederatedAveraging(bn, data.partition(digits, 4), config=config)
     with pytest.raises(ValueError, match="dp_max_grad_norm 0"):
-        FederatedAveraging(mlp(), data.partition(digits, 4), monitors=[LocalDPAccountant()]).fit(rounds=1)
+        FederatedAveraging(mlp(), data.partition(digits, 4), monitors=[LocalDPAccountant()])
+
+
+def test_an_accountant_built_for_another_run_is_refused_when_the_protocol_is_built(digits):
+    config = FedConfig(fraction=0.5, dp_max_grad_norm=1.0)
+    agg = DPFedAvg.for_config(config, 10, clip=1.0, noise_multiplier=1.0, generator=torch.Generator())
+    with pytest.raises(ValueError, match="built for 5 of 10 clients per round, but this run samples 2 of 4"):
+        FederatedAveraging(mlp(), data.partition(digits, 4), config=config, aggregator=agg)
+    accountant = LocalDPAccountant()
+    FederatedAveraging(mlp(), data.partition(digits, 4), config=config, monitors=[accountant])
+    with pytest.raises(ValueError, match="already follows a run"):
+        FederatedAveraging(mlp(), data.partition(digits, 4), config=config, monitors=[accountant])

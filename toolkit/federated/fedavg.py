@@ -31,6 +31,8 @@ class FederatedAveraging(FederatedProtocol):
     ``monitors`` are callables ``fn(protocol, plan) -> dict`` called after every round, whose
     columns join that round's history row (e.g. ``defenses.LocalDPAccountant``'s epsilon), and an
     aggregator with a ``report() -> dict`` method is read the same way (``defenses.DPFedAvg``).
+    An aggregator or monitor with an ``attach(protocol)`` method is shown the protocol once, here,
+    and may refuse it with a ValueError (e.g. an accountant built for another cohort).
 
     Example:
         >>> from toolkit import data, models
@@ -48,6 +50,9 @@ class FederatedAveraging(FederatedProtocol):
         for m in monitors:
             if not callable(m):
                 raise ValueError(f"a monitor must be callable as fn(protocol, plan) -> dict, got {m!r}")
+        for part in (self.aggregator, *monitors):
+            if callable(getattr(part, "attach", None)):
+                part.attach(self)
         self.monitors = list(monitors)
         self.server_optimizer = make_server_optimizer(self.config)
         self.delays = delays
