@@ -3,6 +3,7 @@ Opacus's on the same batch, the noise is what it claims and repeats with the see
 train in one vectorized pass, and every DP run's history carries epsilon and delta from the
 accounting module's Opacus accountants."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -90,6 +91,23 @@ def test_noise_off_a_round_equals_the_sequential_opacus_executor(digits, make, h
                            dp_max_grad_norm=CLIP, hand_written_mlp=hand_written, seed=4)
         fl = FederatedAveraging(make(), clients, test=digits, config=config)
         fl.fit(rounds=2)
+        assert fl.executor.ran == executor
+        results[executor] = fl.weights
+    torch.testing.assert_close(results["vectorized"], results["sequential"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("hand_written", [True, False], ids=["hand-written MLP", "vmap MLP"])
+def test_noise_off_a_regression_round_equals_the_sequential_opacus_executor(digits, hand_written):
+    onehot = nn.functional.one_hot(digits.y_train[:120], 10).float()
+    parts = [SimpleNamespace(x_train=digits.x_train[i:i + 30], y_train=onehot[i:i + 30]) for i in range(0, 120, 30)]
+    clients = ClientData(parts, regression=True)
+    test = SimpleNamespace(x_test=digits.x_test[:50], y_test=nn.functional.one_hot(digits.y_test[:50], 10).float())
+    results = {}
+    for executor in ("sequential", "vectorized"):
+        config = FedConfig(executor=executor, loss="mse", batch_size=8, dp_max_grad_norm=0.05,
+                           hand_written_mlp=hand_written)
+        fl = FederatedAveraging(mlp(), clients, test=test, config=config)
+        fl.fit(rounds=1)
         assert fl.executor.ran == executor
         results[executor] = fl.weights
     torch.testing.assert_close(results["vectorized"], results["sequential"], atol=1e-6, rtol=0)
