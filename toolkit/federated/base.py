@@ -47,6 +47,9 @@ class FederatedProtocol:
         compressor: a Compressor applied to uploads (e.g. ``TopK(0.01)``), or None.
         malicious: client index -> callable rewriting that client's update rows
             (``fn(updates (M, P), generator=...) -> (M, P)``, see ``attacks.poisoning``).
+
+    An aggregator or monitor (see FederatedAveraging) with ``state_dict()``/``load_state_dict()``
+    (tensors and plain data) is checkpointed with the protocol.
     """
 
     name = "federated"
@@ -81,6 +84,7 @@ class FederatedProtocol:
         bad = [c for c in self.malicious if not 0 <= c < len(self.data)]
         if bad:
             raise ValueError(f"malicious client indices {bad} are not clients (there are {len(self.data)})")
+        self.monitors: list[Callable[..., Mapping[str, Any]]] = []  # FederatedAveraging's
         self.executor = make_executor(self.config)
         self.weights = flat_state(model).clone()  # (P,) global weights: parameters, then floating buffers
         self._check_model()
@@ -105,6 +109,11 @@ class FederatedProtocol:
     def _check_model(self) -> None:
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("the model has no parameter to train (every requires_grad is False)")
+        if self.config.per_sample_dp:
+            for name, module in self.model.named_modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    raise ValueError(f"per-sample DP-SGD needs each sample's own gradient, but {name} "
+                                     f"({type(module).__name__}) mixes the samples of a batch: use GroupNorm")
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()  # no BatchNorm statistics change
         try:
@@ -169,7 +178,9 @@ class FederatedProtocol:
         stream = (self.config.seed * 1_000_003 + self.wire.step * 7_919 + self.round * 104_729 + first) % 2**62
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(stream)
-            updates, losses = self.executor.train(self.model, start, self.data, plan, self.config, out)
+            # the protocol's generator draws per-sample DP-SGD noise; executors written before it get no keyword
+            noise = {"generator": self.generator} if self.config.dp_noise_multiplier else {}
+            updates, losses = self.executor.train(self.model, start, self.data, plan, self.config, out, **noise)
         load_flat_state(self.model, self.weights)
         for fn in {id(f): f for f in self.malicious.values()}.values():
             bad = torch.tensor([c for c, f in self.malicious.items() if f is fn])
@@ -211,6 +222,21 @@ class FederatedProtocol:
             warnings.warn(f"round {self.round + 1}: dropped non-finite (NaN/Inf) updates from {rejected}",
                           RuntimeWarning, stacklevel=3)
         return received, clients, self.wire.total_bytes - before
+
+    def _reports(self, plan: RoundPlan) -> dict[str, Any]:
+        """The history columns the aggregator's ``report()`` and the monitors give for this round."""
+        row: dict[str, Any] = {}
+        report = getattr(self.aggregator, "report", None)
+        if callable(report):
+            row.update(report())
+        for monitor in self.monitors:
+            row.update(monitor(self, plan))
+        return row
+
+    def _parts(self) -> dict[str, Any]:
+        """The aggregator and monitors that keep state, by checkpoint key."""
+        parts = {"aggregator": self.aggregator, **{f"monitor {i}": m for i, m in enumerate(self.monitors)}}
+        return {k: p for k, p in parts.items() if callable(getattr(p, "state_dict", None))}
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -271,6 +297,7 @@ class FederatedProtocol:
             "wire": to_plain(self.wire.state_dict(), packet_classes()), "clients": len(self.data),
             "manifest": self.manifest(),
             "compressor": self.compressor.state_dict() if self.compressor is not None else None,
+            "parts": {k: p.state_dict() for k, p in self._parts().items()},
             **self._extra_state(),
         }
 
@@ -333,6 +360,12 @@ class FederatedProtocol:
             self.compressor.load_state_dict(state["compressor"])
         elif state["compressor"] is not None:
             raise ValueError("the checkpoint holds a compressor's state, this run has no compressor")
+        parts, saved = self._parts(), state.get("parts", {})
+        if type(saved) is not dict or set(saved) != set(parts):
+            raise ValueError(f"the checkpoint holds the state of {sorted(saved) if type(saved) is dict else saved!r}, "
+                             f"this run's stateful parts are {sorted(parts)}")
+        for key, part in parts.items():
+            part.load_state_dict(saved[key])
         self._load_extra_state(state)
 
     def _executor_ran(self) -> str:

@@ -88,9 +88,56 @@ class BatchedMLP:
 
     def __call__(self, params: dict[str, Tensor], x: Tensor, y: Tensor, mask: Tensor,
                  anchor: dict[str, Tensor], mu: float) -> tuple[dict[str, Tensor], Tensor]:
+        saved, loss, g = self._forward(params, x, y, mask)
+        grads: dict[str, Tensor] = {}
+        for i, g in self._backward(params, saved, g):
+            w_name, b_name = self.plan[i][1]  # type: ignore[misc]
+            grads[w_name] = torch.bmm(g.transpose(1, 2), saved[i], out=self._buffer(w_name, params[w_name]))
+            if b_name is not None:
+                grads[b_name] = g.sum(1)
+        if mu:
+            for name, p in params.items():
+                grads[name] = grads[name].add(p - anchor[name], alpha=mu)
+        return grads, loss
+
+    def clipped_sum(self, params: dict[str, Tensor], x: Tensor, y: Tensor, mask: Tensor,
+                    max_grad_norm: float) -> tuple[dict[str, Tensor], Tensor]:
+        """Per-sample DP-SGD's clipped sum for every client (Abadi et al., "Deep learning with
+        differential privacy", 2016): each real sample's gradient of its own loss, scaled by
+        Opacus's clip factor ``min(1, max_grad_norm / (norm + 1e-6))`` (norm over all parameters),
+        summed over the batch. Returns (summed clipped gradients by name (C, *shape), each
+        client's mean loss (C,)).
+
+        No per-sample gradient is materialized: a linear layer's per-sample weight gradient is
+        the outer product ``g_i a_i^T`` of the gradient at its output and its input, whose norm
+        is ``|g_i| |a_i|`` (Goodfellow, "Efficient per-example gradient computations", 2015), so
+        the norms come out of the backward pass and each clipped sum is one batched product of
+        the rescaled ``g`` with ``a``.
+        """
+        saved, loss, g = self._forward(params, x, y, mask)
+        g = g * mask.sum(1).clamp(min=1)[:, None, None]  # (C, b, K) gradients of each sample's own loss
+        layers = list(self._backward(params, saved, g))
+        sq = torch.zeros_like(mask)  # (C, b) squared per-sample gradient norms
+        for i, g in layers:
+            bias = self.plan[i][1][1] is not None  # type: ignore[index]
+            sq += g.pow(2).sum(2) * (saved[i].pow(2).sum(2) + bias)
+        factor = (max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # (C, b), as Opacus clips
+        grads: dict[str, Tensor] = {}
+        for i, g in layers:
+            w_name, b_name = self.plan[i][1]  # type: ignore[misc]
+            g = g * factor.unsqueeze(2)
+            grads[w_name] = torch.bmm(g.transpose(1, 2), saved[i])  # (C, out, in)
+            if b_name is not None:
+                grads[b_name] = g.sum(1)
+        return grads, loss
+
+    def _forward(self, params: dict[str, Tensor], x: Tensor, y: Tensor,
+                 mask: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
+        """(per layer: its input (linear) or its output (activation); loss per client (C,);
+        dLoss/doutputs (C, b, K))."""
         c, b = mask.shape
         a = x.reshape(c, b, -1)  # (C, b, features)
-        saved = []  # per layer: its input (linear) or its output (activation)
+        saved = []
         for kind, spec in self.plan:
             saved.append(a)
             if kind == "linear":
@@ -101,24 +148,19 @@ class BatchedMLP:
             else:
                 a = spec[0](a)  # type: ignore[index]
                 saved[-1] = a
-        loss, g = self.head(a, y, mask)  # g: dLoss/doutputs (C, b, K)
-        grads: dict[str, Tensor] = {}
+        loss, g = self.head(a, y, mask)
+        return saved, loss, g
+
+    def _backward(self, params: dict[str, Tensor], saved: list[Tensor], g: Tensor):
+        """Yields (index of a linear layer, the gradient at its output (C, b, out)), last layer first."""
         for i in range(len(self.plan) - 1, -1, -1):
             kind, spec = self.plan[i]
             if kind == "act":
                 g = spec[1](g, saved[i])  # type: ignore[index]
                 continue
-            w_name, b_name = spec  # type: ignore[misc]
-            w = params[w_name]
-            grads[w_name] = torch.bmm(g.transpose(1, 2), saved[i], out=self._buffer(w_name, w))  # (C, out, in)
-            if b_name is not None:
-                grads[b_name] = g.sum(1)
+            yield i, g
             if i > 0:
-                g = torch.bmm(g, w)  # (C, b, in)
-        if mu:
-            for name, p in params.items():
-                grads[name] = grads[name].add(p - anchor[name], alpha=mu)
-        return grads, loss
+                g = torch.bmm(g, params[spec[0]])  # type: ignore[index]  (C, b, in)
 
     def _buffer(self, name: str, like: Tensor) -> Tensor:
         """A reused output shaped and typed like ``like`` for ``name``'s gradient: the caller

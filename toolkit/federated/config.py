@@ -77,6 +77,8 @@ class FedConfig:
     eval_batch_size: int = 2048      # samples per evaluation step
     record: bool = True              # keep a transcript on the wire (bytes are counted either way)
     seed: int = 0                    # seeds sampling, dropouts, data order and randomized defenses
+    dp_max_grad_norm: float = 0.0    # per-sample DP-SGD in local training: clip each sample's gradient to this L2 norm (0: off)
+    dp_noise_multiplier: float = 0.0  # per-sample DP-SGD: noise std on each step's clipped sum, in units of dp_max_grad_norm
 
     def __post_init__(self) -> None:
         validate.number("fraction", self.fraction, low=0.0, high=1.0, low_open=True)
@@ -87,8 +89,14 @@ class FedConfig:
             validate.positive(name, getattr(self, name))
         for name in ("momentum", "server_momentum"):
             validate.fraction(name, getattr(self, name))
-        for name in ("mu", "weight_decay"):
+        for name in ("mu", "weight_decay", "dp_max_grad_norm", "dp_noise_multiplier"):
             validate.non_negative(name, getattr(self, name))
+        if self.dp_noise_multiplier and not self.dp_max_grad_norm:
+            raise ValueError(f"dp_noise_multiplier {self.dp_noise_multiplier} needs dp_max_grad_norm > 0 "
+                             f"(the noise is calibrated to the per-sample clipping norm)")
+        if self.dp_max_grad_norm and self.mu:
+            raise ValueError(f"per-sample DP-SGD (dp_max_grad_norm={self.dp_max_grad_norm}) does not combine with "
+                             f"the FedProx term (mu={self.mu}): set one of them to 0")
         if not isinstance(self.server_betas, (tuple, list)) or len(self.server_betas) != 2:
             raise ValueError(f"server_betas must be two values in [0, 1), got {self.server_betas!r}")
         for i, beta in enumerate(self.server_betas):
@@ -99,6 +107,11 @@ class FedConfig:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {sorted(LOSSES)}")
         for name in ("hand_written_mlp", "record"):
             validate.boolean(name, getattr(self, name))
+
+    @property
+    def per_sample_dp(self) -> bool:
+        """Whether local training runs per-sample DP-SGD (``dp_max_grad_norm > 0``)."""
+        return self.dp_max_grad_norm > 0
 
     @classmethod
     def smoke(cls) -> FedConfig:

@@ -11,6 +11,13 @@ The vectorized executor does all clients at once with ``torch.func`` (``function
 ``vmap`` over stacked weights, per-client batches stacked) and gives the same numbers; a model
 it cannot run exactly falls back to the sequential reference with one warning that says why,
 and ``executor.ran`` names the executor that actually trained.
+
+With ``FedConfig.dp_max_grad_norm > 0`` every local step is per-sample DP-SGD (Abadi et al.,
+"Deep learning with differential privacy", 2016): the sequential reference runs Opacus itself
+(``GradSampleModule`` and ``DPOptimizer`` around each client's SGD); the vectorized executor
+computes every client's per-sample gradient norms in the same one pass (by hand for plain MLPs,
+``vmap`` over clients and over samples otherwise), clips with Opacus's factor, adds the noise
+from the caller's generator and divides by the batch size, as ``DPOptimizer`` does.
 """
 from __future__ import annotations
 
@@ -33,10 +40,12 @@ class Executor(Protocol):
     ran: str | None  # what trained the last call ("sequential" after a fallback); None before any
 
     def train(self, model: nn.Module, start: Tensor, data: ClientData, plan: RoundPlan,
-              config: FedConfig, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+              config: FedConfig, out: Tensor | None = None, *,
+              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Returns (updates (M, P) relative to each client's start, mean training loss per client
         (M,)) and leaves ``model`` as it found it; ``start`` is (P,) or (M, P); writes the updates
-        into ``out`` when given (a buffer the caller reuses between rounds)."""
+        into ``out`` when given (a buffer the caller reuses between rounds); ``generator`` draws
+        the per-sample DP-SGD noise (required when ``config.dp_noise_multiplier > 0``)."""
 
 
 class SequentialExecutor:
@@ -52,7 +61,23 @@ class SequentialExecutor:
         return cls()
 
     def train(self, model: nn.Module, start: Tensor, data: ClientData, plan: RoundPlan,
-              config: FedConfig, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+              config: FedConfig, out: Tensor | None = None, *,
+              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        _check_generator(config, generator)
+        if config.per_sample_dp:
+            from opacus import GradSampleModule  # the reference per-sample DP-SGD: Opacus itself
+            net = GradSampleModule(model, loss_reduction="mean")
+            try:
+                with warnings.catch_warnings():  # Opacus's hooks fire on the first layer, whose inputs need no grad
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    return self._train(net, model, start, data, plan, config, out, generator)
+            finally:
+                net._close()  # the model loses Opacus's hooks and grad_sample attributes
+        return self._train(model, model, start, data, plan, config, out, generator)
+
+    def _train(self, net: nn.Module, model: nn.Module, start: Tensor, data: ClientData, plan: RoundPlan,
+               config: FedConfig, out: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """``net`` is ``model``, or Opacus's GradSampleModule around it for per-sample DP-SGD."""
         before = flat_state(model)
         m = len(plan.clients)
         _check_start(start, m, len(before))
@@ -67,11 +92,16 @@ class SequentialExecutor:
             anchor = [p.detach().clone() for p in trainable] if config.mu else []
             opt = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
                                   weight_decay=config.weight_decay)
+            if config.per_sample_dp:
+                from opacus.optimizers import DPOptimizer
+                opt = DPOptimizer(opt, noise_multiplier=config.dp_noise_multiplier,
+                                  max_grad_norm=config.dp_max_grad_norm, expected_batch_size=config.batch_size,
+                                  generator=generator)
             total, steps = 0.0, 0
             for order in plan.orders:
                 for batch in order[row, :count].split(config.batch_size):
                     opt.zero_grad(set_to_none=True)
-                    loss = per_sample(model(data.x[client, batch]), data.y[client, batch]).mean()
+                    loss = per_sample(net(data.x[client, batch]), data.y[client, batch]).mean()
                     total += float(loss.detach())
                     steps += 1
                     if config.mu:
@@ -135,6 +165,7 @@ class VectorizedExecutor:
         self.ran: str | None = None
         self.fallback: str | None = None  # why the last call ran sequentially, or None
         self.path: str | None = None  # how the last vectorized pass got gradients: "hand-written MLP" or "vmap"
+        self.passes = 0  # chunks of clients the last vectorized call trained in (1: all at once)
         self._reasons: dict[tuple, str | None] = {}  # (model, data, batch size) -> why not vectorized
         self._sequential = SequentialExecutor()
         self._grad_fns: dict[tuple, tuple[str, object]] = {}  # -> (path, gradient function)
@@ -145,7 +176,9 @@ class VectorizedExecutor:
         return cls(config.chunk_bytes, hand_written_mlp=config.hand_written_mlp)
 
     def train(self, model: nn.Module, start: Tensor, data: ClientData, plan: RoundPlan,
-              config: FedConfig, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+              config: FedConfig, out: Tensor | None = None, *,
+              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        _check_generator(config, generator)
         key = (id(model), id(data), config.batch_size)
         if key not in self._reasons:
             self._reasons[key] = unsupported(model, data, config)
@@ -153,14 +186,14 @@ class VectorizedExecutor:
                 self._warn(self._reasons[key])  # type: ignore[arg-type]
         if self._reasons[key] is None:
             try:
-                result = self._train(model, start, data, plan, config, out)
+                result = self._train(model, start, data, plan, config, out, generator)
                 self.ran, self.fallback = self.name, None
                 return result
             except (RuntimeError, NotImplementedError) as err:  # vmap cannot run this model
                 reason = f"vmap cannot run it ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
                 self._reasons[key] = reason
                 self._warn(reason)
-        result = self._sequential.train(model, start, data, plan, config, out)
+        result = self._sequential.train(model, start, data, plan, config, out, generator=generator)
         self.ran, self.fallback, self.path = self._sequential.name, self._reasons[key], None
         return result
 
@@ -178,13 +211,40 @@ class VectorizedExecutor:
         return torch.index_select(rows, 0, idx, out=out)
 
     def _grad_fn(self, model: nn.Module, config: FedConfig, per_client_anchor: bool, trainable: tuple[str, ...]):
-        """``fn(params, fixed, x, y, mask, anchor, mu) -> (gradients, loss per client)``; sets ``path``."""
+        """``fn(params, fixed, x, y, mask, anchor, mu) -> (gradients, loss per client)``; sets ``path``.
+        Under per-sample DP-SGD the gradients are the sums of the clipped per-sample gradients."""
         prox = config.mu > 0
-        key = (id(model), prox, per_client_anchor and prox, config.loss, trainable, self.hand_written_mlp)
+        key = (id(model), prox, per_client_anchor and prox, config.loss, trainable, self.hand_written_mlp,
+               config.dp_max_grad_norm)
         if key not in self._grad_fns:
-            self._grad_fns[key] = self._make_grad_fn(model, config, per_client_anchor and prox)
+            make = self._make_dp_grad_fn if config.per_sample_dp else self._make_grad_fn
+            self._grad_fns[key] = make(model, config, per_client_anchor and prox)
         self.path, fn = self._grad_fns[key]
         return fn
+
+    def _make_dp_grad_fn(self, model: nn.Module, config: FedConfig, per_client_anchor: bool) -> tuple[str, object]:
+        clip = config.dp_max_grad_norm
+        if self.hand_written_mlp and BatchedMLP.supports(model, config.loss):
+            mlp = BatchedMLP(model, config.loss)
+            return "hand-written MLP", lambda params, fixed, x, y, mask, anchor, mu: mlp.clipped_sum(
+                params, x, y, mask, clip)
+        per_sample = LOSSES[config.loss].per_sample
+
+        def sample_loss(params, fixed, x, y):  # one sample's loss
+            loss = per_sample(functional_call(model, {**params, **fixed}, (x.unsqueeze(0),)), y.unsqueeze(0))[0]
+            return loss, loss.detach()
+
+        # per client, per sample: gradients (C, b, *shape) and losses (C, b)
+        per_sample_grads = vmap(vmap(grad(sample_loss, has_aux=True), in_dims=(None, None, 0, 0)))
+
+        def fn(params, fixed, x, y, mask, anchor, mu):
+            grads, losses = per_sample_grads(params, fixed, x, y)
+            norms = torch.stack([g.flatten(2).norm(dim=2) for g in grads.values()], dim=2).norm(dim=2)  # (C, b)
+            factor = (clip / (norms + 1e-6)).clamp(max=1.0) * mask  # Opacus's clip factor; padding drops out
+            summed = {k: torch.einsum("cb,cb...->c...", factor, g) for k, g in grads.items()}
+            return summed, (losses * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+        return "vmap", fn
 
     def _make_grad_fn(self, model: nn.Module, config: FedConfig, per_client_anchor: bool) -> tuple[str, object]:
         if self.hand_written_mlp and BatchedMLP.supports(model, config.loss):
@@ -205,7 +265,7 @@ class VectorizedExecutor:
         return "vmap", vmap(grad(loss_fn, has_aux=True), in_dims=in_dims)
 
     def _train(self, model: nn.Module, start: Tensor, data: ClientData, plan: RoundPlan,
-               config: FedConfig, out: Tensor | None) -> tuple[Tensor, Tensor]:
+               config: FedConfig, out: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         layout = _layout(model)
         p = sum(shape.numel() for _, shape, _ in layout)
         m = len(plan.clients)
@@ -218,15 +278,18 @@ class VectorizedExecutor:
         n_train = sum(shape.numel() for _, shape, trains in layout if trains)
         per_client = (updates.element_size() * (p + n_train * (2 if config.momentum else 1))
                       + data.x.element_size() * config.batch_size * data.x[0, 0].numel())
+        if config.per_sample_dp and not (self.hand_written_mlp and BatchedMLP.supports(model, config.loss)):
+            per_client += updates.element_size() * config.batch_size * n_train  # vmap's per-sample gradients
         chunk = max(1, self.chunk_bytes // per_client)
+        self.passes = -(-m // chunk)
         for lo in range(0, m, chunk):
             rows = slice(lo, min(lo + chunk, m))
             losses[rows] = self._train_chunk(model, layout, start if start.dim() == 1 else start[rows],
-                                             updates[rows], data, plan, rows, config)
+                                             updates[rows], data, plan, rows, config, generator)
         return updates, losses
 
     def _train_chunk(self, model: nn.Module, layout: list, start: Tensor, flat: Tensor, data: ClientData,
-                     plan: RoundPlan, rows: slice, config: FedConfig) -> Tensor:
+                     plan: RoundPlan, rows: slice, config: FedConfig, generator: torch.Generator | None) -> Tensor:
         """Local training of plan.clients[rows] from ``start`` ((P,) or (C, P)), in place in
         ``flat`` (C, P), which ends holding the updates; returns mean losses (C,)."""
         c = len(flat)
@@ -258,6 +321,8 @@ class VectorizedExecutor:
                 x = self._gather(x_rows, idx).view(c, hi - lo, *data.shape)  # (C, b, ...)
                 y = y_rows[idx].view(c, hi - lo, *data.y.shape[2:])  # (C, b[, ...])
                 grads, loss = grad_fn(params, fixed, x, y, mask, anchor, config.mu)
+                if config.per_sample_dp:
+                    _noise_and_scale(grads, config, generator)
                 loss_sum += torch.where(active, loss.double(), 0.0)
                 steps += active.double()
                 _sgd(params, grads, buffers, active, first, config)
@@ -298,6 +363,23 @@ def _sgd(params: dict[str, Tensor], grads: dict[str, Tensor], buffers: dict[str,
             p.sub_(g, alpha=config.lr)
         else:
             p.addcmul_(g, mask.to(p.dtype), value=-config.lr)
+
+
+def _noise_and_scale(grads: dict[str, Tensor], config: FedConfig, generator: torch.Generator | None) -> None:
+    """DPOptimizer's last two moves, in place on every client's clipped sum: add Gaussian noise
+    of standard deviation ``dp_noise_multiplier * dp_max_grad_norm``, divide by the batch size."""
+    std = config.dp_noise_multiplier * config.dp_max_grad_norm
+    for g in grads.values():
+        if std:
+            g.add_(torch.randn(g.shape, generator=generator, dtype=g.dtype), alpha=std)
+        g.div_(config.batch_size)
+
+
+def _check_generator(config: FedConfig, generator: torch.Generator | None) -> None:
+    validate.generator(generator)
+    if config.dp_noise_multiplier and generator is None:
+        raise ValueError(f"per-sample DP-SGD with dp_noise_multiplier {config.dp_noise_multiplier} draws noise: "
+                         f"pass generator=<a torch.Generator>")
 
 
 def _check_start(start: Tensor, m: int, p: int) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pandas as pd
@@ -26,7 +27,12 @@ class FederatedAveraging(FederatedProtocol):
     A transform on the download thus changes what clients train from, not the server's copy.
 
     Args: see :class:`toolkit.federated.base.FederatedProtocol`; ``delays`` optionally gives
-    each round a simulated duration (the slowest training client's delay) in column ``time``.
+    each round a simulated duration (the slowest training client's delay) in column ``time``;
+    ``monitors`` are callables ``fn(protocol, plan) -> dict`` called after every round, whose
+    columns join that round's history row (e.g. ``defenses.LocalDPAccountant``'s epsilon), and an
+    aggregator with a ``report() -> dict`` method is read the same way (``defenses.DPFedAvg``).
+    An aggregator or monitor with an ``attach(protocol)`` method is shown the protocol once, here,
+    and may refuse it with a ValueError (e.g. an accountant built for another cohort).
 
     Example:
         >>> from toolkit import data, models
@@ -39,8 +45,15 @@ class FederatedAveraging(FederatedProtocol):
 
     name = "fedavg"
 
-    def __init__(self, *args: Any, delays: Any = None, **kwargs: Any):
+    def __init__(self, *args: Any, delays: Any = None, monitors: Sequence[Callable[..., Any]] = (), **kwargs: Any):
         super().__init__(*args, **kwargs)
+        for m in monitors:
+            if not callable(m):
+                raise ValueError(f"a monitor must be callable as fn(protocol, plan) -> dict, got {m!r}")
+        for part in (self.aggregator, *monitors):
+            if callable(getattr(part, "attach", None)):
+                part.attach(self)
+        self.monitors = list(monitors)
         self.server_optimizer = make_server_optimizer(self.config)
         self.delays = delays
         self.clock = 0.0
@@ -78,8 +91,9 @@ class FederatedAveraging(FederatedProtocol):
             row.update(self.evaluate())
         row.update({"bytes_up": bytes_up, "bytes_down": bytes_down, "sampled": plan.sampled,
                     "clients": len(plan.clients), "dropped": len(plan.dropped), "rejected": rejected,
-                    "time": self.clock if self.delays is not None else float("nan"),
-                    "seconds": time.perf_counter() - start})
+                    "time": self.clock if self.delays is not None else float("nan")})
+        row.update(self._reports(plan))
+        row["seconds"] = time.perf_counter() - start
         return row
 
     def _extra_state(self) -> dict[str, Any]:
