@@ -30,7 +30,8 @@ def test_accountant_composes_steps_like_opacus_stepping_one_at_a_time():
         for _ in range(n):
             theirs.step(noise_multiplier=z, sample_rate=q)
     assert ours.steps == 60
-    assert ours.epsilon() == pytest.approx(theirs.get_epsilon(delta=1e-5), rel=1e-12)
+    assert ours.epsilon() == theirs.get_epsilon(delta=1e-5)  # the cached one-step RDP changes no bit
+    assert ours.epsilon(delta=1e-6) == theirs.get_epsilon(delta=1e-6)
     report = ours.report()
     assert report["delta"] == 1e-5 and report["epsilon_prv"] > 0
     assert PrivacyAccountant().epsilon() == 0.0
