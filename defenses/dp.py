@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -83,6 +83,15 @@ def _check_noise(noise_multiplier: Any, target_epsilon: Any, epochs: Any) -> Non
         validate.positive_int("epochs", epochs)
 
 
+def _check_report(report: Sequence[str]) -> tuple[str, ...]:
+    report = (report,) if isinstance(report, str) else tuple(report)
+    unknown = [a for a in report if a not in accounting.ACCOUNTANTS]
+    if not report or unknown:
+        raise ValueError(f"report names the accountants whose epsilon the history shows, a non-empty subset of "
+                         f"{sorted(accounting.ACCOUNTANTS)}; got {report!r}")
+    return report
+
+
 def _noise(noise_multiplier, target_epsilon, epochs, *, delta, sample_rate, steps_per_epoch, accountant) -> float:
     if noise_multiplier is not None:
         return float(noise_multiplier)
@@ -93,8 +102,9 @@ def _noise(noise_multiplier, target_epsilon, epochs, *, delta, sample_rate, step
 class _Budget:
     """Our accountant, stepped once per noisy optimizer step; epsilon is inf after a step without noise."""
 
-    def __init__(self, delta: float):
-        self.accountant = PrivacyAccountant(delta=delta)
+    def __init__(self, delta: float, accountants: Sequence[str], default: str):
+        self.accountant = PrivacyAccountant(delta=delta, accountants=accountants)
+        self.default = default  # the accountant epsilon() uses unless told
         self.noiseless_steps = 0
 
     def step(self, noise_multiplier: float, sample_rate: float) -> None:
@@ -104,7 +114,9 @@ class _Budget:
             self.noiseless_steps += 1
 
     def epsilon(self, delta: float | None = None, accountant: str | None = None) -> float:
-        return math.inf if self.noiseless_steps else self.accountant.epsilon(delta, accountant=accountant)
+        if self.noiseless_steps:
+            return math.inf
+        return self.accountant.epsilon(delta, accountant=accountant or self.default)
 
     def report(self) -> dict[str, float]:
         if not self.noiseless_steps:
@@ -126,7 +138,8 @@ class DPSGD:
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, *,
                  max_grad_norm: float, noise_multiplier: float | None = None, target_epsilon: float | None = None,
                  epochs: int | None = None, delta: float = 1e-5, poisson_sampling: bool = True,
-                 generator: torch.Generator | None = None, accountant: str = "rdp"):
+                 generator: torch.Generator | None = None, accountant: str = "rdp",
+                 report: Sequence[str] = ("rdp", "prv")):
         validate.positive("max_grad_norm", max_grad_norm)
         _check_noise(noise_multiplier, target_epsilon, epochs)
         delta = validate.fraction("delta", delta, zero=False, one=False)
@@ -134,6 +147,7 @@ class DPSGD:
         generator = validate.generator(generator)
         if accountant not in accounting.ACCOUNTANTS:
             raise ValueError(f"unknown accountant {accountant!r}; choose one of {sorted(accounting.ACCOUNTANTS)}")
+        report = _check_report(report)
         check_module(module)
         if not module.training:
             raise ValueError("the module is in eval mode; call module.train() before making it private")
@@ -164,7 +178,7 @@ class DPSGD:
             max_grad_norm=self.max_grad_norm, poisson_sampling=False, noise_generator=generator)
         if poisson_sampling:
             self.module.forbid_grad_accumulation()  # what make_private does for its own Poisson loader
-        self._budget = _Budget(delta)
+        self._budget = _Budget(delta, report, accountant)
         opacus_hook = self.optimizer.step_hook  # Opacus's accountant; ours composes the same releases
 
         def hook(opt: DPOptimizer) -> None:
@@ -181,7 +195,8 @@ class DPSGD:
         return self._budget.accountant
 
     def epsilon(self, delta: float | None = None, *, accountant: str | None = None) -> float:
-        """Epsilon spent so far at ``delta`` (the run's by default); inf after a step without noise."""
+        """Epsilon spent so far at ``delta`` (the run's by default) by ``accountant`` (the engine's by
+        default); inf after a step without noise."""
         return self._budget.epsilon(delta, accountant)
 
     def report(self) -> dict[str, float]:
@@ -258,7 +273,7 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, data_loade
                  max_grad_norm: float, noise_multiplier: float | None = None,
                  target_epsilon: float | None = None, epochs: int | None = None, delta: float = 1e-5,
                  poisson_sampling: bool = True, generator: torch.Generator | None = None,
-                 accountant: str = "rdp") -> DPSGD:
+                 accountant: str = "rdp", report: Sequence[str] = ("rdp", "prv")) -> DPSGD:
     """DP-SGD for ``module`` through ``opacus.PrivacyEngine.make_private`` (Abadi et al., 2016).
 
     Args:
@@ -273,7 +288,10 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, data_loade
         poisson_sampling: batches of Opacus's Poisson sampler at rate ``1 / len(data_loader)``
             (what the accountants assume); False keeps the loader's own batches and order.
         generator: draws the noise and the Poisson batches (same seed, same numbers).
-        accountant: Opacus's engine accountant, ``"rdp"`` or ``"prv"`` (we report both).
+        accountant: Opacus's engine accountant, ``"rdp"`` or ``"prv"``.
+        report: the epsilons the history and :meth:`DPSGD.report` show (``epsilon_rdp``,
+            ``epsilon_prv``); PRV is the tighter bound but costs tenths of a second per report
+            at a few hundred steps, seconds at thousands (``benchmarks/dp_sgd.py``).
 
     Raises ValueError (nothing changed: module, optimizer and loader are left as they were) on
     a layer Opacus cannot train (BatchNorm, named), a negative noise multiplier, a budget that
@@ -281,7 +299,7 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, data_loade
     """
     return DPSGD(module, optimizer, data_loader, max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
                  target_epsilon=target_epsilon, epochs=epochs, delta=delta, poisson_sampling=poisson_sampling,
-                 generator=generator, accountant=accountant)
+                 generator=generator, accountant=accountant, report=report)
 
 
 # -- DP-SGD for a split-learning party ------------------------------------------------------------
@@ -289,12 +307,12 @@ class DPParty:
     """A split-learning party whose optimizer is Opacus's DPOptimizer; see :func:`private_party`."""
 
     def __init__(self, sl, party, *, noise_multiplier: float, max_grad_norm: float, delta: float,
-                 generator: torch.Generator | None):
+                 generator: torch.Generator | None, report: Sequence[str], accountant: str):
         self.sl, self.party = sl, party
         self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm
         self.sample_rate = sl.config.batch_size / sl.n_train
         self.generator = generator
-        self._budget = _Budget(delta)
+        self._budget = _Budget(delta, report, accountant)
         self._hooks: dict[int, GradSampleHooks] = {}
         party.wrap_optimizer(self._wrap)
 
@@ -340,7 +358,8 @@ class DPParty:
 
 def private_party(sl, party: str = "client", *, max_grad_norm: float, noise_multiplier: float | None = None,
                   target_epsilon: float | None = None, epochs: int | None = None, delta: float = 1e-5,
-                  generator: torch.Generator | None = None, accountant: str = "rdp") -> DPParty:
+                  generator: torch.Generator | None = None, accountant: str = "rdp",
+                  report: Sequence[str] = ("rdp", "prv")) -> DPParty:
     """DP-SGD on one party of a built SplitNN, inside its one training loop (Abadi et al., 2016).
 
     Opacus's GradSampleHooks on the party's parts capture per-sample gradients while the party
@@ -369,6 +388,7 @@ def private_party(sl, party: str = "client", *, max_grad_norm: float, noise_mult
     generator = validate.generator(generator)
     if accountant not in accounting.ACCOUNTANTS:
         raise ValueError(f"unknown accountant {accountant!r}; choose one of {sorted(accounting.ACCOUNTANTS)}")
+    report = _check_report(report)
     found = [p for p in sl.parties if p.name == party]
     if not found:
         raise ValueError(f"no party {party!r} in this SplitNN ({[p.name for p in sl.parties]})")
@@ -388,4 +408,5 @@ def private_party(sl, party: str = "client", *, max_grad_norm: float, noise_mult
     steps_per_epoch = math.ceil(sl.n_train / sl.config.batch_size)
     z = _noise(noise_multiplier, target_epsilon, epochs, delta=delta, sample_rate=q,
                steps_per_epoch=steps_per_epoch, accountant=accountant)
-    return DPParty(sl, p, noise_multiplier=z, max_grad_norm=float(max_grad_norm), delta=delta, generator=generator)
+    return DPParty(sl, p, noise_multiplier=z, max_grad_norm=float(max_grad_norm), delta=delta, generator=generator,
+                   report=report, accountant=accountant)

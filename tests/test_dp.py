@@ -50,7 +50,7 @@ def test_wrapper_epsilon_equals_opacus_own_for_the_same_run(digits, accountant):
                       max_grad_norm=1.0, generator=torch.Generator().manual_seed(0), accountant=accountant)
     dp.fit(epochs=2)
     assert dp.accountant.steps == 2 * len(dp.data_loader) == 46
-    assert dp.epsilon(accountant=accountant) == pytest.approx(dp.engine.get_epsilon(1e-5), rel=1e-9)
+    assert dp.epsilon() == pytest.approx(dp.engine.get_epsilon(1e-5), rel=1e-9)  # the engine's accountant by default
     assert dp.epsilon(1e-6, accountant=accountant) == pytest.approx(dp.engine.get_epsilon(1e-6), rel=1e-9)
     assert dp.epsilon(accountant=accountant) == pytest.approx(
         accounted(noise_multiplier=1.1, sample_rate=1 / 23, steps=46, delta=1e-5, accountant=accountant), rel=1e-9)
@@ -130,8 +130,10 @@ def test_noise_off_gives_exactly_opacus_clipped_gradients(digits):
 def test_same_generator_seed_same_weights(digits):
     runs = []
     for seed in (5, 5, 6):
-        dp = private(mlp(), digits, seed=seed, n=512)
-        dp.fit(epochs=1)
+        net = mlp()
+        dp = make_private(net, torch.optim.SGD(net.parameters(), lr=0.1), loader(digits, n=512), noise_multiplier=1.0,
+                          max_grad_norm=1.0, generator=torch.Generator().manual_seed(seed), report=("rdp",))
+        assert list(dp.fit(epochs=1).columns) == ["epoch", "loss", "accuracy", "epsilon_rdp", "delta"]
         runs.append(torch.cat([p.detach().flatten() for p in dp.module.parameters()]))
     assert torch.equal(runs[0], runs[1])
     assert not torch.allclose(runs[0], runs[2])
@@ -158,6 +160,7 @@ def _same(a, b):
     ({"noise_multiplier": 1.0, "target_epsilon": 1.0, "epochs": 1}, mlp, "not both"),
     ({"noise_multiplier": 1.0, "delta": 1.5}, mlp, "delta"),
     ({"noise_multiplier": 1.0, "accountant": "gdp"}, mlp, "unknown accountant"),
+    ({"noise_multiplier": 1.0, "report": ()}, mlp, "report names the accountants"),
 ])
 def test_bad_input_is_named_and_changes_nothing(digits, kwargs, build, match):
     net = build()
@@ -220,7 +223,7 @@ def test_private_party_with_a_budget_and_the_same_seed_repeats(digits):
         client, server = models.cut(mlp(2), at=3)
         sl = SplitNN.vanilla(client, server, small, config=SplitConfig(lr=0.1, batch_size=40))
         budget = {"target_epsilon": 3.0, "epochs": 2} if noise is None else {"noise_multiplier": noise}
-        party = private_party(sl, max_grad_norm=1.0, generator=torch.Generator().manual_seed(4), **budget)
+        party = private_party(sl, max_grad_norm=1.0, generator=torch.Generator().manual_seed(4), report=["rdp"], **budget)
         noise = party.noise_multiplier
         party.fit(2)
         weights.append(torch.cat([p.detach().flatten() for p in client.parameters()]))
