@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from defenses import accounting
 from defenses.accounting import PrivacyAccountant
+from defenses.dp_local import spent
 from toolkit import validate
 from toolkit.progress import progress
 
@@ -120,7 +121,7 @@ class _Budget:
 
     def report(self) -> dict[str, float]:
         if not self.noiseless_steps:
-            return self.accountant.report()
+            return spent(self.accountant)
         return {**{f"epsilon_{a}": math.inf for a in self.accountant.accountants}, "delta": self.accountant.delta}
 
 

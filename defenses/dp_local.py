@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -42,7 +43,23 @@ from defenses.accounting import noise_multiplier as calibrate
 from toolkit import validate
 from toolkit.wire import Packet
 
-__all__ = ["GaussianMechanism"]
+__all__ = ["GaussianMechanism", "clip_rows", "spent"]
+
+
+def spent(accountant: PrivacyAccountant) -> dict[str, float]:
+    """``accountant.report()``, with NaN (and a warning) for an accountant that cannot compute this
+    budget: Opacus's PRV fails at tiny noise (epsilon in the hundreds or more), where RDP still bounds it."""
+    out = {}
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # PRV's log(1 - q) at q = 1, exp overflows
+        for name in accountant.accountants:
+            try:
+                out[f"epsilon_{name}"] = accountant.epsilon(accountant=name)
+            except (RuntimeError, ValueError, OverflowError) as err:
+                warnings.warn(f"the {name.upper()} accountant cannot compute this budget ({err}); reporting NaN",
+                              RuntimeWarning, stacklevel=3)
+                out[f"epsilon_{name}"] = math.nan
+    out["delta"] = accountant.delta
+    return out
 
 
 def clip_rows(t: Tensor, max_norm: float) -> Tensor:
@@ -129,10 +146,9 @@ class GaussianMechanism:
         """``{"epsilon_rdp", "epsilon_prv", "delta", "releases"}``: history columns."""
         k = self._releases(releases)
         if k and self.noise_multiplier:
-            with np.errstate(divide="ignore"):  # as in epsilon()
-                return {**self._accountant(k).report(), "releases": k}
-        spent = math.inf if k else 0.0
-        return {"epsilon_rdp": spent, "epsilon_prv": spent, "delta": self.delta, "releases": k}
+            return {**spent(self._accountant(k)), "releases": k}
+        eps = math.inf if k else 0.0
+        return {"epsilon_rdp": eps, "epsilon_prv": eps, "delta": self.delta, "releases": k}
 
     def _releases(self, releases: int | None) -> int:
         return self.releases if releases is None else validate.non_negative_int("releases", releases)
