@@ -22,9 +22,9 @@ from toolkit.wire import Wire
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               # torch's note on Opacus's backward hook at a first layer fed raw data; Opacus's secure-RNG note;
-              # the RDP search's note that its best order is the largest: expected, not findings
+              # RDP's note that its best order sits at an end of its grid: expected, not findings
               pytest.mark.filterwarnings("ignore:Full backward hook is firing", "ignore:Secure RNG turned off",
-                                         "ignore:Optimal order is the largest alpha")]
+                                         "ignore:Optimal order is the")]
 
 
 def mlp(seed=0):
@@ -347,3 +347,26 @@ def test_mechanism_from_a_budget_spends_it():
 def test_mechanism_refuses_bad_settings(build, error, match):
     with pytest.raises(error, match=match):
         build(torch.Generator())
+
+
+def test_prv_that_cannot_compute_a_tiny_noise_budget_reports_nan_and_rdp_still_bounds_it():
+    mech = GaussianMechanism(1.0, 0.02, generator=torch.Generator())
+    with pytest.warns(RuntimeWarning, match="PRV accountant cannot compute"):
+        report = mech.report(5)
+    assert math.isnan(report["epsilon_prv"]) and 1000 < report["epsilon_rdp"] < math.inf
+
+
+def test_mechanism_refuses_a_compressed_packet_and_passes_other_kinds():
+    from dataclasses import dataclass
+
+    from toolkit.wire import Packet
+
+    @dataclass
+    class Sparse(Packet):
+        values: torch.Tensor
+
+    mech = GaussianMechanism(1.0, 1.0, generator=torch.Generator(), kinds=("update",))
+    with pytest.raises(TypeError, match="without a compressor"):
+        mech(Sparse(torch.ones(2, 3)), kind="update")
+    packet = Sparse(torch.ones(2, 3))
+    assert mech(packet, kind="weights") is packet and mech.sends == 0
