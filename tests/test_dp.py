@@ -93,18 +93,16 @@ def test_make_private_trains_a_digits_mlp_and_reports_epsilon_and_delta_in_its_h
     assert 0 < history["epsilon_prv"].iloc[-1] < history["epsilon_rdp"].iloc[-1]  # PRV is the tighter bound
 
 
-def per_sample_clipped_step(net, x, y, *, max_grad_norm, lr):
-    """The reference: each sample's gradient by its own backward pass, clipped as Opacus does
-    (factor max_grad_norm / (norm + 1e-6), at most 1), summed, over the batch size, one SGD step."""
-    params = [p for p in net.parameters()]
+def clipped_mean(parts, loss_of, x, y, *, max_grad_norm):
+    """Per-sample gradients of ``loss_of(x_i, y_i)`` with respect to the parameters of ``parts``,
+    each clipped over all of them as Opacus does (factor c / (norm + 1e-6), at most 1), averaged."""
+    params = [p for part in parts for p in part.parameters()]
     total = [torch.zeros_like(p) for p in params]
     for i in range(len(x)):
-        grads = torch.autograd.grad(F.cross_entropy(net(x[i:i + 1]), y[i:i + 1]), params)
+        grads = torch.autograd.grad(loss_of(x[i:i + 1], y[i:i + 1]), params)
         norm = torch.cat([g.flatten() for g in grads]).norm()
-        factor = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-        total = [t + factor * g for t, g in zip(total, grads)]
-    with torch.no_grad():
-        return [p - lr * t / len(x) for p, t in zip(params, total)]
+        total = [t + (max_grad_norm / (norm + 1e-6)).clamp(max=1.0) * g for t, g in zip(total, grads)]
+    return params, [t / len(x) for t in total]
 
 
 def test_noise_off_gives_exactly_opacus_clipped_gradients(digits):
@@ -116,7 +114,8 @@ def test_noise_off_gives_exactly_opacus_clipped_gradients(digits):
     module, opt, _ = PrivacyEngine(accountant="rdp").make_private(
         module=theirs, optimizer=torch.optim.SGD(theirs.parameters(), lr=1.0), data_loader=one_batch,
         noise_multiplier=0.0, max_grad_norm=0.5, poisson_sampling=False)
-    expected = per_sample_clipped_step(ref, x, y, max_grad_norm=0.5, lr=1.0)
+    params, step = clipped_mean([ref], lambda a, b: F.cross_entropy(ref(a), b), x, y, max_grad_norm=0.5)
+    expected = [p.detach() - g for p, g in zip(params, step)]  # one SGD step, lr 1
     for m, o in [(dp.module, dp.optimizer), (module, opt)]:
         o.zero_grad()
         F.cross_entropy(m(x), y).backward()
@@ -179,26 +178,37 @@ def test_private_party_noise_off_clips_per_sample_gradients_like_the_unsplit_net
     unsplit network (client part's parameters only); the server's are the plain SGD step."""
     small = digits.subset(torch.arange(48))
     net = mlp(3)
-    reference = copy.deepcopy(net)
+    ref_client, ref_server = models.cut(copy.deepcopy(net), at=3)
     client, server = models.cut(net, at=3)
     sl = SplitNN.vanilla(client, server, small, config=SplitConfig(lr=1.0, batch_size=48))
     party = private_party(sl, max_grad_norm=0.3, noise_multiplier=0.0)
     party.fit(1)
     x, y = small.x_train, small.y_train
-    # per-sample gradients of the whole loss with respect to the client's parameters only
-    ref_client, ref_server = models.cut(reference, at=3)
-    params = list(ref_client.parameters())
-    total = [torch.zeros_like(p) for p in params]
-    for i in range(len(x)):
-        grads = torch.autograd.grad(F.cross_entropy(ref_server(ref_client(x[i:i + 1])), y[i:i + 1]), params)
-        norm = torch.cat([g.flatten() for g in grads]).norm()
-        total = [t + (0.3 / (norm + 1e-6)).clamp(max=1.0) * g for t, g in zip(total, grads)]
-    for p, ref, t in zip(client.parameters(), params, total):
-        torch.testing.assert_close(p.detach(), ref.detach() - t / len(x), atol=1e-6, rtol=0)
+    params, step = clipped_mean([ref_client], lambda a, b: F.cross_entropy(ref_server(ref_client(a)), b), x, y,
+                                max_grad_norm=0.3)
+    for p, ref, g in zip(client.parameters(), params, step):
+        torch.testing.assert_close(p.detach(), ref.detach() - g, atol=1e-6, rtol=0)
     F.cross_entropy(ref_server(ref_client(x)), y).backward()
     for p, ref in zip(server.parameters(), ref_server.parameters()):
         torch.testing.assert_close(p.detach(), ref.detach() - ref.grad, atol=1e-6, rtol=0)
     assert party.epsilon() == math.inf
+
+
+def test_private_u_shaped_client_clips_over_both_of_its_parts(digits):
+    """The U-shaped client holds the first and the last layers: per-sample gradients from its own loss
+    (last part) and from the gradient the server sent back (first part), clipped together."""
+    small = digits.subset(torch.arange(40))
+    torch.manual_seed(5)
+    net = models.mlp([64, 32, 16, 10])  # flatten, fc1, act1, fc2, act2, fc3
+    head, middle, tail = models.cut(net, at=[3, 5])
+    refs = copy.deepcopy((head, middle, tail))
+    sl = SplitNN.u_shaped(head, middle, tail, small, config=SplitConfig(lr=1.0, batch_size=40))
+    private_party(sl, max_grad_norm=0.2, noise_multiplier=0.0).fit(1)
+    r_head, r_middle, r_tail = refs
+    params, step = clipped_mean([r_head, r_tail], lambda a, b: F.cross_entropy(r_tail(r_middle(r_head(a))), b),
+                                small.x_train, small.y_train, max_grad_norm=0.2)
+    for p, ref, g in zip([*head.parameters(), *tail.parameters()], params, step):
+        torch.testing.assert_close(p.detach(), ref.detach() - g, atol=1e-6, rtol=0)
 
 
 def test_private_party_trains_by_split_learning_and_reports_epsilon(digits):
@@ -352,7 +362,7 @@ def test_mechanism_refuses_bad_settings(build, error, match):
 def test_prv_that_cannot_compute_a_tiny_noise_budget_reports_nan_and_rdp_still_bounds_it():
     mech = GaussianMechanism(1.0, 0.02, generator=torch.Generator())
     with pytest.warns(RuntimeWarning, match="PRV accountant cannot compute"):
-        report = mech.report(5)
+        report = mech.report(1)
     assert math.isnan(report["epsilon_prv"]) and 1000 < report["epsilon_rdp"] < math.inf
 
 
