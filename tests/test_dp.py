@@ -380,3 +380,26 @@ def test_mechanism_refuses_a_compressed_packet_and_passes_other_kinds():
         mech(Sparse(torch.ones(2, 3)), kind="update")
     packet = Sparse(torch.ones(2, 3))
     assert mech(packet, kind="weights") is packet and mech.sends == 0
+
+
+def test_wrap_optimizer_keeps_the_state_and_wraps_a_rebuilt_optimizer_too():
+    from opacus.optimizers import DPOptimizer
+
+    from toolkit.parties import Party, make_optimizer
+
+    party = Party("client", optimizer=make_optimizer("sgd", lr=0.1, momentum=0.9))
+    first = party.hold(nn.Linear(3, 2))
+    first(torch.ones(4, 3)).sum().backward()
+    party.step()
+    plain = party.optimizer
+    momentum = [plain.state[p]["momentum_buffer"].clone() for p in first.parameters()]
+    wrapped = []
+    party.wrap_optimizer(lambda opt: wrapped.append(opt) or DPOptimizer(opt, noise_multiplier=0.0, max_grad_norm=1.0,
+                                                                       expected_batch_size=4))
+    assert isinstance(party.optimizer, DPOptimizer) and wrapped == [plain]  # wrapped in place, state kept
+    assert all(torch.equal(party.optimizer.state[p]["momentum_buffer"], m) for p, m in zip(first.parameters(), momentum))
+    party.hold(nn.Linear(2, 2))  # a new part: the optimizer is rebuilt over every parameter, wrapped again
+    assert isinstance(party.optimizer, DPOptimizer) and len(wrapped) == 2
+    assert len(party.optimizer.params) == 4
+    with pytest.raises(TypeError, match="callable"):
+        party.wrap_optimizer("opacus")
