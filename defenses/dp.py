@@ -49,7 +49,9 @@ from defenses import accounting
 from defenses.accounting import PrivacyAccountant
 from defenses.dp_local import spent
 from toolkit import validate
+from toolkit.parties import Party
 from toolkit.progress import progress
+from toolkit.split import SplitNN
 
 __all__ = ["DPSGD", "DPParty", "make_private", "private_party"]
 
@@ -68,8 +70,8 @@ def check_module(module: nn.Module, who: str = "the module") -> None:
             reason = str(errors[0]).split(". ")[0]
             bad.append(f"layer {name!r} ({type(sub).__name__}): {reason}")
     if bad:
-        raise ValueError(f"DP-SGD cannot train {who}: {'; '.join(bad)}. Replace BatchNorm with GroupNorm or "
-                         f"LayerNorm (opacus.validators.ModuleValidator.fix does it on a copy)")
+        raise ValueError(f"DP-SGD cannot train {who}: {'; '.join(bad)}. opacus.validators.ModuleValidator.fix "
+                         f"replaces such layers on a copy (BatchNorm with GroupNorm; LayerNorm works too)")
     if not any(p.requires_grad for p in module.parameters()):
         raise ValueError(f"DP-SGD needs {who} to have trainable parameters; it has none")
 
@@ -307,7 +309,7 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, data_loade
 class DPParty:
     """A split-learning party whose optimizer is Opacus's DPOptimizer; see :func:`private_party`."""
 
-    def __init__(self, sl, party, *, noise_multiplier: float, max_grad_norm: float, delta: float,
+    def __init__(self, sl: SplitNN, party: Party, *, noise_multiplier: float, max_grad_norm: float, delta: float,
                  generator: torch.Generator | None, report: Sequence[str], accountant: str):
         self.sl, self.party = sl, party
         self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm
@@ -357,7 +359,7 @@ class DPParty:
                 f"{self.accountant.steps} noisy steps)")
 
 
-def private_party(sl, party: str = "client", *, max_grad_norm: float, noise_multiplier: float | None = None,
+def private_party(sl: SplitNN, party: str = "client", *, max_grad_norm: float, noise_multiplier: float | None = None,
                   target_epsilon: float | None = None, epochs: int | None = None, delta: float = 1e-5,
                   generator: torch.Generator | None = None, accountant: str = "rdp",
                   report: Sequence[str] = ("rdp", "prv")) -> DPParty:
@@ -382,6 +384,16 @@ def private_party(sl, party: str = "client", *, max_grad_norm: float, noise_mult
     Args: as :func:`make_private` (``epochs``: how many passes the budget is spread over).
     Raises ValueError (nothing changed) on an unknown party, a layer Opacus cannot train
     (BatchNorm), a party without parameters, unshuffled batches or a bad budget.
+
+    Example:
+        >>> from toolkit import data, models
+        >>> ds = data.load("digits").subset(torch.arange(256))
+        >>> sl = SplitNN.vanilla(*models.cut(models.mlp([64, 32, 10]), at=3), ds)
+        >>> client = private_party(sl, max_grad_norm=1.0, noise_multiplier=1.0, generator=torch.Generator().manual_seed(0))
+        >>> history = client.fit(2)
+        >>> ends = history.dropna(subset=["epsilon_rdp"])  # the last step of each epoch
+        >>> ends.epoch.tolist(), ends.epsilon_rdp.round(2).tolist(), ends.delta.tolist()
+        ([0, 1], [4.87, 6.25], [1e-05, 1e-05])
     """
     validate.positive("max_grad_norm", max_grad_norm)
     _check_noise(noise_multiplier, target_epsilon, epochs)
