@@ -1,4 +1,4 @@
-"""DP-SGD through Opacus: a party's local training, and a split-learning party's part.
+"""DP-SGD through Opacus for a party's local training (and the checks and budget its split form shares).
 
 DP-SGD (Abadi et al., "Deep learning with differential privacy", 2016) clips each sample's
 gradient to L2 norm ``max_grad_norm`` and adds Gaussian noise of standard deviation
@@ -8,8 +8,9 @@ wrap, we do not replace. :func:`make_private` checks everything first, then call
 ``opacus.PrivacyEngine.make_private`` with the caller's generator as Opacus's noise generator
 (and as the Poisson sampler's), and composes the run's releases in a
 :class:`defenses.accounting.PrivacyAccountant` stepped by the optimizer's step hook beside
-Opacus's own accountant (they agree). :func:`private_party` gives a split-learning party the same
-per-sample clipping and noise on the gradient it receives over the Wire.
+Opacus's own accountant (they agree). :func:`defenses.dp_split.private_party` gives a
+split-learning party the same per-sample clipping and noise on the gradient it receives over the
+Wire, with the checks and the budget defined here.
 
 Example:
     >>> from torch.utils.data import DataLoader, TensorDataset
@@ -38,7 +39,6 @@ import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
-from opacus.grad_sample import GradSampleHooks
 from opacus.optimizers import DPOptimizer
 from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
@@ -49,11 +49,9 @@ from defenses import accounting
 from defenses.accounting import PrivacyAccountant
 from defenses.dp_local import spent
 from toolkit import validate
-from toolkit.parties import Party
 from toolkit.progress import progress
-from toolkit.split import SplitNN
 
-__all__ = ["DPSGD", "DPParty", "make_private", "private_party"]
+__all__ = ["DPSGD", "make_private"]
 
 
 # -- checks: everything before anything changes ---------------------------------------------------
@@ -76,7 +74,7 @@ def check_module(module: nn.Module, who: str = "the module") -> None:
         raise ValueError(f"DP-SGD needs {who} to have trainable parameters; it has none")
 
 
-def _check_noise(noise_multiplier: Any, target_epsilon: Any, epochs: Any) -> None:
+def check_noise(noise_multiplier: Any, target_epsilon: Any, epochs: Any) -> None:
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError("give either noise_multiplier, or target_epsilon with epochs (not both, not neither)")
     if noise_multiplier is not None:
@@ -86,7 +84,7 @@ def _check_noise(noise_multiplier: Any, target_epsilon: Any, epochs: Any) -> Non
         validate.positive_int("epochs", epochs)
 
 
-def _check_report(report: Sequence[str]) -> tuple[str, ...]:
+def check_report(report: Sequence[str]) -> tuple[str, ...]:
     report = (report,) if isinstance(report, str) else tuple(report)
     unknown = [a for a in report if a not in accounting.ACCOUNTANTS]
     if not report or unknown:
@@ -95,14 +93,14 @@ def _check_report(report: Sequence[str]) -> tuple[str, ...]:
     return report
 
 
-def _noise(noise_multiplier, target_epsilon, epochs, *, delta, sample_rate, steps_per_epoch, accountant) -> float:
+def noise_for(noise_multiplier, target_epsilon, epochs, *, delta, sample_rate, steps_per_epoch, accountant) -> float:
     if noise_multiplier is not None:
         return float(noise_multiplier)
     return accounting.noise_multiplier(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate,
                                        steps=epochs * steps_per_epoch, accountant=accountant)
 
 
-class _Budget:
+class Budget:
     """Our accountant, stepped once per noisy optimizer step; epsilon is inf after a step without noise."""
 
     def __init__(self, delta: float, accountants: Sequence[str], default: str):
@@ -144,13 +142,13 @@ class DPSGD:
                  generator: torch.Generator | None = None, accountant: str = "rdp",
                  report: Sequence[str] = ("rdp", "prv")):
         validate.positive("max_grad_norm", max_grad_norm)
-        _check_noise(noise_multiplier, target_epsilon, epochs)
+        check_noise(noise_multiplier, target_epsilon, epochs)
         delta = validate.fraction("delta", delta, zero=False, one=False)
         validate.boolean("poisson_sampling", poisson_sampling)
         generator = validate.generator(generator)
         if accountant not in accounting.ACCOUNTANTS:
             raise ValueError(f"unknown accountant {accountant!r}; choose one of {sorted(accounting.ACCOUNTANTS)}")
-        report = _check_report(report)
+        report = check_report(report)
         check_module(module)
         if not module.training:
             raise ValueError("the module is in eval mode; call module.train() before making it private")
@@ -165,7 +163,7 @@ class DPSGD:
         if len(data_loader) == 0:
             raise ValueError("the data loader yields no batch")
         self.sample_rate = 1 / len(data_loader)  # Opacus's: one expected batch of len(dataset) / len(loader)
-        self.noise_multiplier = _noise(noise_multiplier, target_epsilon, epochs, delta=delta,
+        self.noise_multiplier = noise_for(noise_multiplier, target_epsilon, epochs, delta=delta,
                                        sample_rate=self.sample_rate, steps_per_epoch=len(data_loader),
                                        accountant=accountant)
         self.max_grad_norm = float(max_grad_norm)
@@ -181,7 +179,7 @@ class DPSGD:
             max_grad_norm=self.max_grad_norm, poisson_sampling=False, noise_generator=generator)
         if poisson_sampling:
             self.module.forbid_grad_accumulation()  # what make_private does for its own Poisson loader
-        self._budget = _Budget(delta, report, accountant)
+        self._budget = Budget(delta, report, accountant)
         opacus_hook = self.optimizer.step_hook  # Opacus's accountant; ours composes the same releases
 
         def hook(opt: DPOptimizer) -> None:
@@ -222,7 +220,7 @@ class DPSGD:
                 self.optimizer.zero_grad(set_to_none=True)
                 out = self.module(x)
                 batch_loss = loss(out, y)
-                with _quiet_hooks():
+                with quiet_hooks():
                     batch_loss.backward()
                 self.optimizer.step()
                 if len(y):  # a Poisson batch may be empty: it still steps (noise only), but scores nothing
@@ -258,7 +256,7 @@ class DPSGD:
 
 
 @contextmanager
-def _quiet_hooks() -> Iterator[None]:
+def quiet_hooks() -> Iterator[None]:
     """Silence torch's note that Opacus's full backward hook fires on a first layer whose input needs
     no gradient (the raw data): expected, every step."""
     with warnings.catch_warnings():
@@ -303,123 +301,3 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, data_loade
     return DPSGD(module, optimizer, data_loader, max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
                  target_epsilon=target_epsilon, epochs=epochs, delta=delta, poisson_sampling=poisson_sampling,
                  generator=generator, accountant=accountant, report=report)
-
-
-# -- DP-SGD for a split-learning party ------------------------------------------------------------
-class DPParty:
-    """A split-learning party whose optimizer is Opacus's DPOptimizer; see :func:`private_party`."""
-
-    def __init__(self, sl: SplitNN, party: Party, *, noise_multiplier: float, max_grad_norm: float, delta: float,
-                 generator: torch.Generator | None, report: Sequence[str], accountant: str):
-        self.sl, self.party = sl, party
-        self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm
-        self.sample_rate = sl.config.batch_size / sl.n_train
-        self.generator = generator
-        self._budget = _Budget(delta, report, accountant)
-        self._hooks: dict[int, GradSampleHooks] = {}
-        party.wrap_optimizer(self._wrap)
-
-    def _wrap(self, optimizer: torch.optim.Optimizer) -> DPOptimizer:
-        for m in self.party.modules:  # per-sample gradients of every part the party holds
-            if id(m) not in self._hooks:
-                self._hooks[id(m)] = GradSampleHooks(m, batch_first=True, loss_reduction="mean")
-        dp = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-                         expected_batch_size=self.sl.config.batch_size, generator=self.generator)
-        dp.attach_step_hook(lambda opt: self._budget.step(opt.noise_multiplier, self.sample_rate))
-        return dp
-
-    @property
-    def accountant(self) -> PrivacyAccountant:
-        return self._budget.accountant
-
-    def epsilon(self, delta: float | None = None, *, accountant: str | None = None) -> float:
-        """Epsilon the party's steps spent on its training samples (inf after a step without noise)."""
-        return self._budget.epsilon(delta, accountant)
-
-    def report(self) -> dict[str, float]:
-        return self._budget.report()
-
-    def fit(self, epochs: int = 1, **kwargs) -> pd.DataFrame:
-        """``sl.fit`` epoch by epoch; the last row of each epoch also carries epsilon_rdp,
-        epsilon_prv and delta after it (other rows NaN: the accountants take tenths of a second)."""
-        validate.positive_int("epochs", epochs)
-        frames = []
-        for _ in range(epochs):
-            with _quiet_hooks():
-                frame = self.sl.fit(1, **kwargs)
-            for key, value in self.report().items():
-                frame.loc[frame.index[-1], key] = value
-                self.sl.history.loc[self.sl.history.index[-1], key] = value
-            frames.append(frame)
-        return pd.concat(frames, ignore_index=True)
-
-    def __repr__(self) -> str:
-        return (f"DPParty({self.party.name!r}, noise_multiplier={self.noise_multiplier:.4g}, "
-                f"max_grad_norm={self.max_grad_norm:g}, sample_rate={self.sample_rate:.4g}, "
-                f"{self.accountant.steps} noisy steps)")
-
-
-def private_party(sl: SplitNN, party: str = "client", *, max_grad_norm: float, noise_multiplier: float | None = None,
-                  target_epsilon: float | None = None, epochs: int | None = None, delta: float = 1e-5,
-                  generator: torch.Generator | None = None, accountant: str = "rdp",
-                  report: Sequence[str] = ("rdp", "prv")) -> DPParty:
-    """DP-SGD on one party of a built SplitNN, inside its one training loop (Abadi et al., 2016).
-
-    Opacus's GradSampleHooks on the party's parts capture per-sample gradients while the party
-    backpropagates the gradient it received over the Wire (``torch.autograd.backward(sent,
-    grads)``; with its own loss too, e.g. a U-shaped client's last part); its optimizer becomes
-    Opacus's DPOptimizer (``Party.wrap_optimizer``), which clips each sample's gradient over all of
-    the party's parameters to ``max_grad_norm`` and adds noise before the party steps. Epsilon
-    composes one release per step at sample rate ``batch_size / n_train``: the accounting Opacus
-    applies to shuffled fixed-size batches (``poisson_sampling=False``), an approximation of the
-    Poisson sampling it assumes (Chua et al., "How private are DP-SGD implementations?", 2024,
-    show shuffling can be worse), so ``SplitConfig(shuffle=True)`` is required.
-
-    What it protects, and what not: the party's *weights* (and so anything later released from
-    them: the model, its gradients, a weight hand-off) are (epsilon, delta)-DP in each training
-    sample. It does nothing for the cut-layer activations the server receives every step, which
-    are computed from the raw sample and cross the Wire unprotected; put a
-    :class:`defenses.dp_local.GaussianMechanism` on the wire for those.
-
-    Args: as :func:`make_private` (``epochs``: how many passes the budget is spread over).
-    Raises ValueError (nothing changed) on an unknown party, a layer Opacus cannot train
-    (BatchNorm), a party without parameters, unshuffled batches or a bad budget.
-
-    Example:
-        >>> from toolkit import data, models
-        >>> ds = data.load("digits").subset(torch.arange(256))
-        >>> sl = SplitNN.vanilla(*models.cut(models.mlp([64, 32, 10]), at=3), ds)
-        >>> client = private_party(sl, max_grad_norm=1.0, noise_multiplier=1.0, generator=torch.Generator().manual_seed(0))
-        >>> history = client.fit(2)
-        >>> ends = history.dropna(subset=["epsilon_rdp"])  # the last step of each epoch
-        >>> ends.epoch.tolist(), ends.epsilon_rdp.round(2).tolist(), ends.delta.tolist()
-        ([0, 1], [4.87, 6.25], [1e-05, 1e-05])
-    """
-    validate.positive("max_grad_norm", max_grad_norm)
-    _check_noise(noise_multiplier, target_epsilon, epochs)
-    delta = validate.fraction("delta", delta, zero=False, one=False)
-    generator = validate.generator(generator)
-    if accountant not in accounting.ACCOUNTANTS:
-        raise ValueError(f"unknown accountant {accountant!r}; choose one of {sorted(accounting.ACCOUNTANTS)}")
-    report = _check_report(report)
-    found = [p for p in sl.parties if p.name == party]
-    if not found:
-        raise ValueError(f"no party {party!r} in this SplitNN ({[p.name for p in sl.parties]})")
-    p = found[0]
-    if not p.modules:
-        raise ValueError(f"{party} holds no model part to train privately")
-    for m in p.modules:
-        check_module(m, f"{party}'s part")
-    if isinstance(p.optimizer, DPOptimizer):
-        raise ValueError(f"{party} already trains with DP-SGD (its optimizer is a DPOptimizer)")
-    if not sl.config.shuffle:
-        raise ValueError("DP-SGD's accounting needs a random batch order: build the SplitNN with "
-                         "SplitConfig(shuffle=True)")
-    q = sl.config.batch_size / sl.n_train
-    if q > 1:
-        raise ValueError(f"batch_size {sl.config.batch_size} exceeds the {sl.n_train} training samples")
-    steps_per_epoch = math.ceil(sl.n_train / sl.config.batch_size)
-    z = _noise(noise_multiplier, target_epsilon, epochs, delta=delta, sample_rate=q,
-               steps_per_epoch=steps_per_epoch, accountant=accountant)
-    return DPParty(sl, p, noise_multiplier=z, max_grad_norm=float(max_grad_norm), delta=delta, generator=generator,
-                   report=report, accountant=accountant)

@@ -13,9 +13,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from defenses.accounting import epsilon as accounted
-from defenses.dp import make_private, private_party
+from defenses.dp import make_private
 from defenses.dp_local import GaussianMechanism, clip_rows
-from toolkit import data, models
+from defenses.dp_split import private_party
+from toolkit import models
 from toolkit.federated import FedConfig, FederatedAveraging
 from toolkit.split import SplitConfig, SplitNN
 from toolkit.wire import Wire
