@@ -2,17 +2,22 @@
 client- or server-side wrappers (detectors, secure aggregation, differential privacy).
 
 Here now: SplitGuard-style detection of training hijacking (Erdogan et al., 2022); splintering
-(Vepakomma, Balla, Raskar, 2020); label defenses (Li et al., 2022); DP-FedAvg and per-client
-DP-SGD accounting (McMahan et al., 2018; Abadi et al., 2016).
+(Vepakomma, Balla, Raskar, 2020); label defenses (Li et al., 2022); DP-SGD through Opacus for a
+party (defenses.dp, defenses.dp_split), local DP on the Wire (defenses.dp_local), DP-FedAvg and
+per-client DP-SGD accounting (McMahan et al., 2018; Abadi et al., 2016), all with
+defenses.accounting.
 """
+from defenses.dp import DPSGD, make_private
 from defenses.dp_federated import DPFedAvg, LocalDPAccountant
+from defenses.dp_local import GaussianMechanism
+from defenses.dp_split import DPParty, private_party
 from defenses.labels import IsotropicNoise, Marvell, MaxNorm
 from defenses.splitguard import SplitGuard, guarded_split_training
 from defenses.splintering import Splinter, inner_products, outsource, splintered, span_attack
 from defenses.splintering_split import SplinteredLayer, first_linear
 
 __all__ = [
-    "DPFedAvg", "LocalDPAccountant",
+    "DPSGD", "make_private", "DPParty", "private_party", "GaussianMechanism", "DPFedAvg", "LocalDPAccountant",
     "IsotropicNoise", "Marvell", "MaxNorm",
     "SplitGuard", "guarded_split_training",
     "Splinter", "inner_products", "outsource", "splintered", "span_attack", "SplinteredLayer", "first_linear",

@@ -51,6 +51,7 @@ class Party:
         self.data: dict[str, Tensor] = dict(data or {})
         self._make_optimizer = optimizer if optimizer is not None else make_optimizer("sgd", lr=0.1)
         self._optimizer: torch.optim.Optimizer | None = None
+        self._wrap: Callable[[torch.optim.Optimizer], torch.optim.Optimizer] | None = None
 
     def hold(self, module: nn.Module) -> nn.Module:
         """Give this party a model part; its parameters join the party's optimizer."""
@@ -78,7 +79,19 @@ class Party:
             params = self.parameters()
             if params:
                 self._optimizer = self._make_optimizer(params)
+                if self._wrap is not None:
+                    self._optimizer = self._wrap(self._optimizer)
         return self._optimizer
+
+    def wrap_optimizer(self, wrap: Callable[[torch.optim.Optimizer], torch.optim.Optimizer]) -> None:
+        """From now on the party steps ``wrap(its optimizer)`` (e.g. Opacus's DPOptimizer, which
+        clips and noises per-sample gradients); the optimizer it already has is wrapped in place
+        (its state kept), and one rebuilt after :meth:`hold` is wrapped too."""
+        if not callable(wrap):
+            raise TypeError(f"wrap must be a callable optimizer -> optimizer, got {wrap!r}")
+        self._wrap = wrap
+        if self._optimizer is not None:
+            self._optimizer = wrap(self._optimizer)
 
     def zero_grad(self) -> None:
         opt = self.optimizer
