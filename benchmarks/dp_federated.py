@@ -26,7 +26,8 @@ import time
 
 import torch
 
-from defenses import DPFedAvg, LocalDPAccountant
+from defenses import DPFedAvg
+from toolkit.federated import LocalDPAccountant
 from toolkit import data, models
 from toolkit.federated import ClientData, FedConfig, FederatedAveraging, make_aggregator
 

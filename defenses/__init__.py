@@ -5,10 +5,10 @@ Here now: SplitGuard-style detection of training hijacking (Erdogan et al., 2022
 (Vepakomma, Balla, Raskar, 2020); label defenses (Li et al., 2022); DP-SGD through Opacus for a
 party (defenses.dp, defenses.dp_split), local DP on the Wire (defenses.dp_local), DP-FedAvg and
 per-client DP-SGD accounting (McMahan et al., 2018; Abadi et al., 2016), all with
-defenses.accounting.
+toolkit.accounting.
 """
 from defenses.dp import DPSGD, make_private
-from defenses.dp_federated import DPFedAvg, LocalDPAccountant
+from defenses.dp_federated import DPFedAvg
 from defenses.dp_local import GaussianMechanism
 from defenses.dp_split import DPParty, private_party
 from defenses.labels import IsotropicNoise, Marvell, MaxNorm
@@ -17,7 +17,7 @@ from defenses.splintering import Splinter, inner_products, outsource, splintered
 from defenses.splintering_split import SplinteredLayer, first_linear
 
 __all__ = [
-    "DPSGD", "make_private", "DPParty", "private_party", "GaussianMechanism", "DPFedAvg", "LocalDPAccountant",
+    "DPSGD", "make_private", "DPParty", "private_party", "GaussianMechanism", "DPFedAvg",
     "IsotropicNoise", "Marvell", "MaxNorm",
     "SplitGuard", "guarded_split_training",
     "Splinter", "inner_products", "outsource", "splintered", "span_attack", "SplinteredLayer", "first_linear",

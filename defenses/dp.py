@@ -7,7 +7,7 @@ gradient to L2 norm ``max_grad_norm`` and adds Gaussian noise of standard deviat
 wrap, we do not replace. :func:`make_private` checks everything first, then calls
 ``opacus.PrivacyEngine.make_private`` with the caller's generator as Opacus's noise generator
 (and as the Poisson sampler's), and composes the run's releases in a
-:class:`defenses.accounting.PrivacyAccountant` stepped by the optimizer's step hook beside
+:class:`toolkit.accounting.PrivacyAccountant` stepped by the optimizer's step hook beside
 Opacus's own accountant (they agree). :func:`defenses.dp_split.private_party` gives a
 split-learning party the same per-sample clipping and noise on the gradient it receives over the
 Wire, with the checks and the budget defined here.
@@ -45,8 +45,8 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from defenses import accounting
-from defenses.accounting import PrivacyAccountant
+from toolkit import accounting
+from toolkit.accounting import PrivacyAccountant
 from defenses.dp_local import spent
 from toolkit import validate
 from toolkit.progress import progress
@@ -283,7 +283,7 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, data_loade
         max_grad_norm: each sample's gradient is clipped to this L2 norm.
         noise_multiplier: noise std over ``max_grad_norm`` (0: clipping only, epsilon inf); or
         target_epsilon, epochs: the noise that spends ``target_epsilon`` at ``delta`` in
-            ``epochs`` passes (``defenses.accounting.noise_multiplier``, as
+            ``epochs`` passes (``toolkit.accounting.noise_multiplier``, as
             ``make_private_with_epsilon`` computes it); a ValueError when no noise reaches it.
         delta: the delta epsilon is reported at.
         poisson_sampling: batches of Opacus's Poisson sampler at rate ``1 / len(data_loader)``

@@ -12,7 +12,7 @@ back flows through the clipping (the norm included) and the noise (an added cons
 Epsilon: the receiver sees every row it gets, so there is no amplification by sampling (sample
 rate 1.0). A sample's budget composes its own releases, one per pass in which its row crosses
 (an epoch of split learning, a round in which the client takes part), through
-:class:`defenses.accounting.PrivacyAccountant`. The mechanism counts what it released; with
+:class:`toolkit.accounting.PrivacyAccountant`. The mechanism counts what it released; with
 ``population`` (how many distinct rows cross, each once per pass) the releases per row are
 ``ceil(rows released / population)``, without it every send is assumed to carry every row
 (releases = sends: exact for federated rounds with every client, an upper bound otherwise).
@@ -24,7 +24,7 @@ Example:
     (torch.Size([4, 3]), 1)
     >>> mech(torch.ones(2), kind="labels").tolist()  # other kinds pass untouched
     [1.0, 1.0]
-    >>> from defenses.accounting import epsilon
+    >>> from toolkit.accounting import epsilon
     >>> mech.epsilon() == epsilon(noise_multiplier=2.0, sample_rate=1.0, steps=1, delta=1e-5)
     True
 """
@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from defenses.accounting import PrivacyAccountant
-from defenses.accounting import noise_multiplier as calibrate
+from toolkit.accounting import PrivacyAccountant
+from toolkit.accounting import noise_multiplier as calibrate
 from toolkit import validate
 from toolkit.wire import Packet
 

@@ -15,8 +15,8 @@ import torch
 from opacus.grad_sample import GradSampleHooks
 from opacus.optimizers import DPOptimizer
 
-from defenses import accounting
-from defenses.accounting import PrivacyAccountant
+from toolkit import accounting
+from toolkit.accounting import PrivacyAccountant
 from defenses.dp import Budget, check_module, check_noise, check_report, noise_for, quiet_hooks
 from toolkit import validate
 from toolkit.parties import Party

@@ -4,7 +4,7 @@ import math
 import pytest
 from opacus.accountants import RDPAccountant
 
-from defenses.accounting import PrivacyAccountant, epsilon, gaussian_sigma, noise_multiplier
+from toolkit.accounting import PrivacyAccountant, epsilon, gaussian_sigma, noise_multiplier
 
 
 def test_golden_epsilons_of_opacus_tests():

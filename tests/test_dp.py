@@ -12,7 +12,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from defenses.accounting import epsilon as accounted
+from toolkit.accounting import epsilon as accounted
 from defenses.dp import make_private
 from defenses.dp_local import GaussianMechanism, clip_rows
 from defenses.dp_split import private_party

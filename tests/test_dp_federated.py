@@ -11,10 +11,11 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from defenses import DPFedAvg, LocalDPAccountant
-from defenses.accounting import epsilon
+from defenses import DPFedAvg
 from toolkit import data, models
-from toolkit.federated import ClientData, FedConfig, FederatedAveraging, plan_round
+from toolkit.accounting import epsilon
+from toolkit.federated import ClientData, FedConfig, FederatedAveraging, LocalDPAccountant, plan_round
+from toolkit.federated.asynchronous import FedAsync, FedBuff
 from toolkit.federated.executors import SequentialExecutor, VectorizedExecutor
 from toolkit.parties import flat_state, load_flat_state
 
@@ -294,3 +295,19 @@ def test_an_accountant_built_for_another_run_is_refused_when_the_protocol_is_bui
     FederatedAveraging(mlp(), data.partition(digits, 4), config=config, monitors=[accountant])
     with pytest.raises(ValueError, match="already follows a run"):
         FederatedAveraging(mlp(), data.partition(digits, 4), config=config, monitors=[accountant])
+
+
+def test_a_per_sample_dp_run_reports_client_epsilon_without_being_asked(digits):
+    config = FedConfig(dp_max_grad_norm=1.0, dp_noise_multiplier=1.0, fraction=0.5)
+    fl = FederatedAveraging(mlp(), data.partition(digits, 4), config=config)
+    history = fl.fit(rounds=2)
+    assert {"client_epsilon_rdp", "client_epsilon_prv", "client_delta"} <= set(history.columns)
+    assert 0 < history["client_epsilon_rdp"].iloc[0] < history["client_epsilon_rdp"].iloc[1] < math.inf
+    assert sum(isinstance(m, LocalDPAccountant) for m in fl.monitors) == 1
+
+
+@pytest.mark.parametrize("protocol", [FedAsync, FedBuff])
+def test_asynchronous_protocols_refuse_per_sample_dp_they_cannot_account(digits, protocol):
+    config = FedConfig(dp_max_grad_norm=1.0, dp_noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="does not account per-sample DP"):
+        protocol(mlp(), data.partition(digits, 4), config=config)

@@ -7,8 +7,9 @@ from toolkit.federated.compression import COMPRESSORS, make_compressor
 from toolkit.federated.config import LOSSES, FedConfig
 from toolkit.federated.executors import EXECUTORS, SequentialExecutor, VectorizedExecutor, make_executor
 from toolkit.federated.fedavg import FederatedAveraging
+from toolkit.federated.privacy import LocalDPAccountant
 from toolkit.federated.server import SERVER_OPTIMIZERS
 
-__all__ = ["AGGREGATORS", "COMPRESSORS", "ClientData", "EXECUTORS", "FedConfig", "FederatedAveraging", "LOSSES",
+__all__ = ["AGGREGATORS", "COMPRESSORS", "ClientData", "EXECUTORS", "FedConfig", "FederatedAveraging", "LOSSES", "LocalDPAccountant",
            "RoundPlan", "SERVER_OPTIMIZERS", "SequentialExecutor", "VectorizedExecutor", "make_aggregator",
            "make_compressor", "make_executor", "plan_round"]

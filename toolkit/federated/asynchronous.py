@@ -89,6 +89,10 @@ class _Asynchronous(FederatedProtocol, ABC):
     def __init__(self, *args: Any, delays: StragglerDelays | None = None, concurrency: int | None = None,
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if self.config.per_sample_dp:
+            raise ValueError(f"{type(self).__name__} does not account per-sample DP (its clients train at "
+                             f"different times, and no accountant follows them): use FederatedAveraging "
+                             f"with FedConfig(dp_max_grad_norm=...), which reports every client's epsilon")
         self.delays = delays if delays is not None else StragglerDelays(len(self.data))
         self.concurrency = concurrency or max(1, round(self.config.fraction * len(self.data)))
         if not 1 <= self.concurrency <= len(self.data):

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from toolkit.federated.base import FederatedProtocol
+from toolkit.federated.privacy import LocalDPAccountant
 from toolkit.federated.server import make_server_optimizer
 from toolkit.progress import progress
 from toolkit.validate import non_negative
@@ -29,7 +30,8 @@ class FederatedAveraging(FederatedProtocol):
     Args: see :class:`toolkit.federated.base.FederatedProtocol`; ``delays`` optionally gives
     each round a simulated duration (the slowest training client's delay) in column ``time``;
     ``monitors`` are callables ``fn(protocol, plan) -> dict`` called after every round, whose
-    columns join that round's history row (e.g. ``defenses.LocalDPAccountant``'s epsilon), and an
+    columns join that round's history row (e.g. :class:`~toolkit.federated.privacy.LocalDPAccountant`'s epsilon, attached by itself to a run
+    with per-sample DP), and an
     aggregator with a ``report() -> dict`` method is read the same way (``defenses.DPFedAvg``).
     An aggregator or monitor with an ``attach(protocol)`` method is shown the protocol once, here,
     and may refuse it with a ValueError (e.g. an accountant built for another cohort).
@@ -50,10 +52,13 @@ class FederatedAveraging(FederatedProtocol):
         for m in monitors:
             if not callable(m):
                 raise ValueError(f"a monitor must be callable as fn(protocol, plan) -> dict, got {m!r}")
+        monitors = list(monitors)
+        if self.config.per_sample_dp and not any(isinstance(m, LocalDPAccountant) for m in monitors):
+            monitors.append(LocalDPAccountant())  # every DP run reports its epsilon
         for part in (self.aggregator, *monitors):
             if callable(getattr(part, "attach", None)):
                 part.attach(self)
-        self.monitors = list(monitors)
+        self.monitors = monitors
         self.server_optimizer = make_server_optimizer(self.config)
         self.delays = delays
         self.clock = 0.0
