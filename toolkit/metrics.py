@@ -189,6 +189,8 @@ BLOCK = 1 << 23  # distance values per row block of the chunked statistics (64 M
 def _block_distances(x: Tensor, sq: Tensor, start: int, stop: int, radius: Tensor) -> Tensor:
     """Rows ``start:stop`` of the distance matrix of the centred ``x`` (n, d) with squared norms
     ``sq`` (n,): (c, n), made exact as in :func:`_distances` (close pairs from differences)."""
+    if radius == 0:  # every row equal (a collapsed layer): all distances 0, no pair to recompute
+        return x.new_zeros(stop - start, len(x))
     d = _gram_distances(x[start:stop], x, sq[start:stop], sq)  # (c, n)
     i, j = _close(d, radius).nonzero(as_tuple=True)  # close pairs and the diagonal, (m,)
     return d.index_put_((i, j), _pair_distances(x, i + start, j))
