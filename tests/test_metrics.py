@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit.metrics import (distance_correlation, format_bytes, u_distance_correlation_sqr,
+from toolkit.metrics import (distance_correlation, distance_correlation_chunked, format_bytes,
+                             u_distance_correlation_sqr, u_distance_correlation_sqr_chunked,
                              u_distance_covariance_sqr)
 
 
@@ -131,3 +132,51 @@ def test_distance_correlation_bad_input():
 
 def test_format_bytes():
     assert format_bytes(512) == "512 B" and format_bytes(1536) == "1.5 KiB" and format_bytes(3 * 2**30) == "3.0 GiB"
+
+
+# -- chunked forms --------------------------------------------------------------------------
+@pytest.mark.parametrize("name,x,z", _layouts(), ids=[c[0] for c in _layouts()])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 300, 1000, None])
+def test_chunked_statistics_equal_the_exact_ones_within_1e10_relative(name, x, z, chunk):
+    # chunk 7 does not divide 300; 1 is one row at a time; 1000 and None are one block
+    v = distance_correlation_chunked(x, z, chunk=chunk)
+    u = u_distance_correlation_sqr_chunked(x, z, chunk=chunk)
+    assert float(v) == pytest.approx(float(distance_correlation(x, z)), rel=1e-10)
+    assert float(u) == pytest.approx(float(u_distance_correlation_sqr(x, z)), rel=1e-10)
+    assert v.dtype == u.dtype == torch.float64 and not v.requires_grad
+
+
+def test_chunked_statistics_match_dcor_on_a_test_set_sized_sample():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1500, 20, generator=g, dtype=torch.float64)
+    z = torch.relu(x @ torch.randn(20, 30, generator=g, dtype=torch.float64)) + torch.randn(1500, 30, generator=g,
+                                                                                              dtype=torch.float64)
+    xn, zn = x.numpy(), z.numpy()
+    assert float(distance_correlation_chunked(x, z, chunk=256)) == pytest.approx(
+        dcor.distance_correlation(xn, zn), rel=1e-10)
+    assert float(u_distance_correlation_sqr_chunked(x, z, chunk=256)) == pytest.approx(
+        dcor.u_distance_correlation_sqr(xn, zn), rel=1e-10)
+
+
+def test_chunked_statistics_flatten_images_and_take_numpy():
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(200, 1, 8, 8, generator=g)
+    z = torch.nn.functional.avg_pool2d(x, 2) + 0.1 * torch.rand(200, 1, 4, 4, generator=g)
+    ref = float(distance_correlation(x, z))
+    assert float(distance_correlation_chunked(x.numpy(), z, chunk=33)) == pytest.approx(ref, rel=1e-10)
+    assert ref > 0.8
+
+
+def test_chunked_statistics_bad_input():
+    x, z = torch.randn(10, 3), torch.randn(10, 2)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="chunk must be a positive int"):
+            distance_correlation_chunked(x, z, chunk=bad)
+    with pytest.raises(ValueError, match="same samples"):
+        distance_correlation_chunked(x, z[:9])
+    with pytest.raises(ValueError, match="at least 4"):
+        u_distance_correlation_sqr_chunked(x[:3], z[:3])
+    x[2, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"x holds NaN at index \(2, 2\)"):
+        distance_correlation_chunked(x, z)
+    assert float(distance_correlation_chunked(torch.ones(6, 2), torch.randn(6, 2))) == 0.0
