@@ -17,14 +17,13 @@ from torch import Tensor, nn
 from attacks.base import (Attack, AttackResult, check_generator, describe, expect_shape, non_negative,
                           non_negative_int, positive, positive_int, read, select, steps_for)
 from attacks.gradient_matching import (DISTANCES, INTERVAL_DISTANCES, WEIGHTS_THREAT, Interval, Update,
-                                       average_repeats, check_model, input_gradient, interval_update, last_layer,
+                                       average_repeats, check_adaptive, check_model, input_gradient, interval_update, last_layer,
                                        optimize, parameter_gradients, preimage_bounds, read_updates, tv_l1,
                                        weights_source)
 from toolkit.validate import labels as check_labels
 from toolkit.wire import Transfer
 
 LABEL_STRATEGIES = ("joint", "idlg", "counts", "auto")
-REPEATS = ("separate", "average")
 
 
 def idlg_label(gradient: dict[str, Tensor]) -> int:
@@ -106,7 +105,7 @@ class GradientInversion(Attack):
                  polish_steps: int = 0, dtype: torch.dtype = torch.float64, defense=None,
                  repeats: str = "separate"):
         self.wrt, part = self._setting(model, known_part, wrt)
-        self.defense, self.repeats = self._adaptive(defense, repeats)
+        self.defense, self.repeats = check_adaptive(defense, repeats, self.wrt)
         self._model = part
         self.weights = "known_part" if self.wrt == "input" else weights_source(weights)
         if self.wrt == "input" and weights != "sent":
@@ -185,18 +184,6 @@ class GradientInversion(Attack):
             raise ValueError(f"{'known_part' if wrt == 'input' else 'model'} must be an nn.Module, "
                              f"got {type(part).__name__}")
         return wrt, part
-
-    def _adaptive(self, defense, repeats: str) -> tuple[object, str]:
-        """(defense, repeats), checked: what an adaptive attacker knows about the defense."""
-        if defense is not None and not callable(getattr(defense, "preimage", None)):
-            raise ValueError(f"defense must say what crossed reveals, with a method preimage(row) -> (low, high); "
-                             f"{defense!r} has none (against additive noise, use repeats='average')")
-        if repeats not in REPEATS:
-            raise ValueError(f"repeats must be one of {REPEATS}, got {repeats!r}")
-        if repeats == "average" and (defense is not None or self.wrt == "input"):
-            raise ValueError("repeats='average' averages a federated client's updates from identical weights; it "
-                             "cannot be combined with defense= (an average is not a defended row) or wrt='input'")
-        return defense, repeats
 
     def _threat(self) -> str:
         if self.wrt == "input":

@@ -130,6 +130,22 @@ def read_updates(observed: Sequence[Transfer], model: nn.Module, *, lr: float | 
     return out
 
 
+REPEATS = ("separate", "average")
+
+
+def check_adaptive(defense, repeats: str, wrt: str) -> tuple[object, str]:
+    """(defense, repeats), checked: what an adaptive attacker knows about the defense on the wire."""
+    if defense is not None and not callable(getattr(defense, "preimage", None)):
+        raise ValueError(f"defense must say what crossed reveals, with a method preimage(row) -> (low, high); "
+                         f"{defense!r} has none (against additive noise, use repeats='average')")
+    if repeats not in REPEATS:
+        raise ValueError(f"repeats must be one of {REPEATS}, got {repeats!r}")
+    if repeats == "average" and (defense is not None or wrt == "input"):
+        raise ValueError("repeats='average' averages a federated client's updates from identical weights; it "
+                         "cannot be combined with defense= (an average is not a defended row) or wrt='input'")
+    return defense, repeats
+
+
 def average_repeats(updates: Sequence[Update]) -> list[Update]:
     """One update per (sender, starting weights): the mean of the updates a client sent from the same
     weights (a server that sends one client the same weights several times, with the client's data
