@@ -9,9 +9,10 @@ paper perturbs (``--client-lr 0.1``: issue 5's lr; noise of variance v on that u
 - naive: DLG (``attacks.DLG``, its defaults) on what crossed, as if there were no defense;
 - adaptive: DLG that knows the defense and its parameters. Pruning and quantization:
   ``defense=`` (matches only within the preimage: kept entries exactly, zeroed ones below the
-  smallest kept magnitude, quantized ones within their bin). Noise: a server that sends the same
-  weights ``--repeats`` times (the client's data unchanged) and averages that client's updates
-  (``repeats="average"``: variance / repeats).
+  smallest kept magnitude, quantized ones within their bin). Noise and QSGD (randomized, unbiased):
+  a server that sends the same weights ``--repeats`` times (the client's data unchanged) and averages
+  that client's updates (``repeats="average"``: variance / repeats); against QSGD the bin-matching
+  attacker did worse (6.1 dB median, 2 digits, where averaging 16 gives 16.8 dB).
 
 Accuracy side: FedAvg on digits 8x8 (ConvNet, ``--clients`` IID clients, ``--rounds`` rounds of one
 local epoch, batch 32, lr 0.1), the same defense on every update; test accuracy after the last
@@ -19,6 +20,21 @@ round, beside the run without defense.
 
 Printed: defense, strength, naive PSNR and adaptive PSNR (median over ``--images`` digits, dB),
 accuracy, and seconds.
+
+Measured (defaults, 2 digits, 2 shared cores under load; medians; accuracy without defense 0.928):
+
+    defense       strength           naive dB  adaptive dB  accuracy
+    noise         variance 1e-4          23.4         35.5     0.919
+    noise         variance 1e-3          14.0         25.6     0.911
+    noise         variance 1e-2           5.0         15.9     0.858
+    noise         variance 1e-1           4.2          5.7     0.547
+    pruning       10% / 20% pruned  102.5 / 97.9  98.3 / 99.3  0.928
+    pruning       50% pruned             32.2         96.3     0.931
+    pruning       70% pruned             12.9         85.0     0.925
+    pruning       90% pruned              4.2          7.6     0.897
+    quantization  127 levels (INT8)      33.4         30.6     0.931
+    quantization  7 levels (4-bit)        8.6          8.7     0.931
+    quantization  QSGD 127 levels         5.1         16.8     0.931
 
     python benchmarks/gradient_defenses.py [--images 2] [--repeats 16] [--client-lr 1.0] [--rounds 20]
         [--only noise,pruning,quantization] [--skip-accuracy]
@@ -77,11 +93,12 @@ def dlg_point(family: str, make, ds, images: list[int], lr: float, repeats: int)
         truth = ds.x_train[[i]]
         run = DLG(model, input_shape=(1, 32, 32), client_lr=lr).run(once, generator=torch.Generator().manual_seed(i))
         naive.append(float(metrics.psnr(run.reconstruction, truth)))
-        if family in ("pruning", "quantization"):
+        averages = family == "noise" or getattr(defense, "stochastic", False)  # randomized: average repeats
+        if family in ("pruning", "quantization") and not averages:
             attack = DLG(model, input_shape=(1, 32, 32), client_lr=lr, defense=defense)
             adaptive.append(float(metrics.psnr(attack.run(once, generator=torch.Generator().manual_seed(i))
                                                .reconstruction, truth)))
-        elif family == "noise":
+        elif averages:
             defense = make(torch.Generator().manual_seed(100 + i))
             many = observe(model, ds, i, defense, lr, rounds=repeats)
             attack = DLG(model, input_shape=(1, 32, 32), client_lr=lr, repeats="average")
