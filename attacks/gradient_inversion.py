@@ -16,8 +16,10 @@ from torch import Tensor, nn
 
 from attacks.base import (Attack, AttackResult, check_generator, describe, expect_shape, non_negative,
                           non_negative_int, positive, positive_int, read, select, steps_for)
-from attacks.gradient_matching import (DISTANCES, WEIGHTS_THREAT, Update, check_model, input_gradient, last_layer,
-                                       optimize, parameter_gradients, read_updates, tv_l1, weights_source)
+from attacks.gradient_matching import (DISTANCES, INTERVAL_DISTANCES, WEIGHTS_THREAT, Interval, Update,
+                                       average_repeats, check_adaptive, check_model, input_gradient, interval_update, last_layer,
+                                       optimize, parameter_gradients, preimage_bounds, read_updates, tv_l1,
+                                       weights_source)
 from toolkit.validate import labels as check_labels
 from toolkit.wire import Transfer
 
@@ -80,6 +82,15 @@ class GradientInversion(Attack):
             rounding floor of the weight delta; the polish finishes them.
         dtype: the precision of the search (float64 by default: in float32 the L2 objective
             stalls at its rounding floor on some images).
+        defense: the defense on the wire, with its parameters, known to the attacker (an adaptive
+            attack): any object with ``preimage(observed_row) -> (low, high)``, the interval of true
+            values behind each entry that crossed (``defenses.gradients.GradientPruning``,
+            ``GradientQuantization``). The attack then matches within those intervals: exactly on
+            the entries pruning kept, within the bound on those it zeroed, within each bin.
+        repeats: ``"average"``: the server sent a client the same weights several times (its data
+            unchanged), so that client's updates from identical weights are one update seen under
+            fresh noise; they are averaged into one problem (against ``GradientNoise``: n updates
+            divide the noise variance by n). ``"separate"`` (default): every update is attacked.
     """
 
     name = "gradient_inversion"
@@ -91,8 +102,10 @@ class GradientInversion(Attack):
                  restarts: int = 1, init: str = "randn", client_lr: float | None = None,
                  local_steps: int = 1, local_batch_size: int | None = None, wrt: str | None = None,
                  known_part: nn.Module | None = None, weights: str = "sent",
-                 polish_steps: int = 0, dtype: torch.dtype = torch.float64):
+                 polish_steps: int = 0, dtype: torch.dtype = torch.float64, defense=None,
+                 repeats: str = "separate"):
         self.wrt, part = self._setting(model, known_part, wrt)
+        self.defense, self.repeats = check_adaptive(defense, repeats, self.wrt)
         self._model = part
         self.weights = "known_part" if self.wrt == "input" else weights_source(weights)
         if self.wrt == "input" and weights != "sent":
@@ -174,11 +187,18 @@ class GradientInversion(Attack):
 
     def _threat(self) -> str:
         if self.wrt == "input":
-            return ("the party that received the cut-layer gradients (the client in vanilla split learning), "
+            base = ("the party that received the cut-layer gradients (the client in vanilla split learning), "
                     "knowing the part that computed them, weights included (known_part); reads the gradients "
                     "and the activations it sent")
-        return (f"honest-but-curious server: knows the model, {WEIGHTS_THREAT[self.weights]} and the training "
-                f"settings (batch size, client lr, local steps); reads only the client's update")
+        else:
+            base = (f"honest-but-curious server: knows the model, {WEIGHTS_THREAT[self.weights]} and the training "
+                    f"settings (batch size, client lr, local steps); reads only the client's update")
+        if self.defense is not None:
+            base += f"; knows the defense {self.defense!r} and its parameters, and matches within its preimage"
+        if self.repeats == "average":
+            base += ("; sends a client the same weights several times and averages that client's updates from "
+                     "identical weights")
+        return base
 
     # -- the run ---------------------------------------------------------------------------
     def run(self, observed: Sequence[Transfer], *, show_progress: bool = False,
@@ -218,11 +238,25 @@ class GradientInversion(Attack):
         if self.distance == "l2" and self.client_lr is None and any(u.delta is not None for u in updates):
             raise ValueError(f"{name}: the l2 distance compares gradients at their scale, so reading a weight delta "
                              f"needs the clients' learning rate: pass client_lr, or use distance='cosine'")
+        if self.repeats == "average":
+            updates = average_repeats(updates)
         out = []
         for u in updates:
             target = tuple((u.delta if self.local_steps > 1 else u.gradient).values())
+            if self.defense is not None:
+                target = self._interval(u, name)
             out.append((target, u.weights, None, self._known_labels(u, self.batch_size, generator)))
         return out
+
+    def _interval(self, u: Update, name: str) -> Interval:
+        """The bounds the known defense puts on ``u``'s target, from the row that crossed."""
+        crossed = u.delta if u.delta is not None else u.gradient
+        flat = torch.cat([v.reshape(-1) for v in crossed.values()])
+        low, high = preimage_bounds(self.defense, flat[None], name)
+        split = [v.numel() for v in crossed.values()]
+        unflat = [dict(zip(crossed, (c.view_as(v) for c, v in zip(b[0].split(split), crossed.values()))))
+                  for b in (low, high)]
+        return interval_update(u, *unflat, self.client_lr, self.local_steps)
 
     def _cut_layer_problems(self, observed: Sequence[Transfer], name: str) -> list[tuple]:
         observed = list(observed)
@@ -241,7 +275,11 @@ class GradientInversion(Attack):
                                  f"{tuple(g.shape)}: the gradients must come back for exactly the activations sent")
             if isinstance(self.labels, Tensor) and len(self.labels) != len(g):
                 raise ValueError(f"{name}: {len(self.labels)} known labels for {describe(t)} of {len(g)} samples")
-            out.append(((g.float(),), weights, None if z is None else z.float(),
+            target = (g.float(),)
+            if self.defense is not None:
+                low, high = preimage_bounds(self.defense, g.float().reshape(len(g), -1), name)
+                target = Interval((low.view_as(g),), (high.view_as(g),))
+            out.append((target, weights, None if z is None else z.float(),
                         self.labels if isinstance(self.labels, Tensor) else None))
         return out
 
@@ -266,11 +304,15 @@ class GradientInversion(Attack):
                generator: torch.Generator, show_progress: bool):
         model, dist, tv, wrt, dtype = self._model, DISTANCES[self.distance], self.tv, self.wrt, self.dtype
         steps, lr, bs = self.local_steps, self.client_lr, self.local_batch_size
-        target = tuple(t.to(dtype) for t in target)
+        if isinstance(target, Interval):  # a known defense: match within its preimage
+            target, dist, cosine = target.to(dtype), INTERVAL_DISTANCES[self.distance], INTERVAL_DISTANCES["cosine"]
+        else:
+            target, cosine = tuple(t.to(dtype) for t in target), DISTANCES["cosine"]
         weights = {k: v.to(dtype) for k, v in weights.items()}
         buffers = {k: b.detach().to(dtype) for k, b in model.named_buffers() if b.is_floating_point()}
         known_input = None if known_input is None else known_input.to(dtype)
-        n = len(target[0]) if wrt == "input" else self.batch_size
+        rows = target.low if isinstance(target, Interval) else target
+        n = len(rows[0]) if wrt == "input" else self.batch_size
         r = self.restarts
         shape = (r, n, *self.input_shape)
         x0 = torch.randn(shape, generator=generator) if self.init == "randn" else torch.rand(shape, generator=generator)
@@ -300,7 +342,7 @@ class GradientInversion(Attack):
         y = label if label is not None else result.variables[-1][best].argmax(-1)
         history, value = result.history, float(result.objective[best])
         if polish and known_input is None:
-            polished = optimize(lambda xr: objective(xr, fixed=y, distance=DISTANCES["cosine"]), [x[None]],
+            polished = optimize(lambda xr: objective(xr, fixed=y, distance=cosine), [x[None]],
                                 lbfgs_steps=polish, show_progress=show_progress, desc=f"{desc} (cosine polish)")
             x, value, history = polished.variables[0][0], float(polished.objective[0]), history + polished.history
         return x.detach().float(), y.detach(), history, value
@@ -309,6 +351,8 @@ class GradientInversion(Attack):
         return (f"{type(self).__name__}(batch_size={self.batch_size}, labels={self.labels if isinstance(self.labels, str) else 'known'}, "
                 f"distance={self.distance}, tv={self.tv}, adam_steps={self.adam_steps}, lbfgs_steps={self.lbfgs_steps}, "
                 f"polish_steps={self.polish_steps}, "
+                f"{f'defense={self.defense!r}, ' if self.defense is not None else ''}"
+                f"{'repeats=average, ' if self.repeats == 'average' else ''}"
                 f"restarts={self.restarts}, local_steps={self.local_steps}, wrt={self.wrt}, weights={self.weights}) "
                 f"[threat model: {self.threat_model}]")
 

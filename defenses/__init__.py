@@ -2,7 +2,8 @@
 client- or server-side wrappers (detectors, secure aggregation, differential privacy).
 
 Here now: NoPeek (Vepakomma et al., 2020); SplitGuard-style detection of training hijacking
-(Erdogan et al., 2022); splintering (Vepakomma, Balla, Raskar, 2020); label defenses (Li et al., 2022); DP-SGD through Opacus for a
+(Erdogan et al., 2022); splintering (Vepakomma, Balla, Raskar, 2020); label defenses (Li et al., 2022); gradient
+defenses for federated updates (pruning, quantization, noise; Zhu et al., 2019); DP-SGD through Opacus for a
 party (defenses.dp, defenses.dp_split), local DP on the Wire (defenses.dp_local), DP-FedAvg and
 per-client DP-SGD accounting (McMahan et al., 2018; Abadi et al., 2016), all with
 toolkit.accounting.
@@ -11,6 +12,7 @@ from defenses.dp import DPSGD, make_private
 from defenses.dp_federated import DPFedAvg
 from defenses.dp_local import GaussianMechanism
 from defenses.dp_split import DPParty, private_party
+from defenses.gradients import GRADIENT_DEFENSES, GradientNoise, GradientPruning, GradientQuantization
 from defenses.labels import IsotropicNoise, Marvell, MaxNorm
 from defenses.nopeek import NoPeek, NoPeekLoss
 from defenses.splitguard import SplitGuard, guarded_split_training
@@ -19,6 +21,7 @@ from defenses.splintering_split import SplinteredLayer, first_linear
 
 __all__ = [
     "DPSGD", "make_private", "DPParty", "private_party", "GaussianMechanism", "DPFedAvg",
+    "GRADIENT_DEFENSES", "GradientNoise", "GradientPruning", "GradientQuantization",
     "IsotropicNoise", "Marvell", "MaxNorm",
     "NoPeek", "NoPeekLoss",
     "SplitGuard", "guarded_split_training",
