@@ -309,8 +309,12 @@ def test_mechanism_in_a_split_run_counts_releases_per_sample(digits):
     mech = GaussianMechanism(1.0, 2.0, generator=torch.Generator().manual_seed(0), population=n)
     client, server = models.cut(mlp(4), at=3)
     sl = SplitNN.vanilla(client, server, digits, config=SplitConfig(lr=0.1, momentum=0.9), wire=Wire([mech]))
-    sl.fit(2)
+    history = sl.fit(2)
     assert mech.rows == 2 * n and mech.sends == 2 * math.ceil(n / 64) and mech.releases == 2
+    ends = history.groupby("epoch").tail(1)  # the history reports the budget at the end of each epoch
+    assert ends["epsilon_rdp"].tolist() == [accounted(noise_multiplier=2.0, sample_rate=1.0, steps=k, delta=1e-5)
+                                            for k in (1, 2)]
+    assert ends["delta"].tolist() == [1e-5, 1e-5] and history["epsilon_rdp"].isna().sum() == len(history) - 2
     assert mech.epsilon() == accounted(noise_multiplier=2.0, sample_rate=1.0, steps=2, delta=1e-5)
     report = mech.report()
     assert report["releases"] == 2 and report["delta"] == 1e-5 and 0 < report["epsilon_prv"] <= report["epsilon_rdp"]
@@ -336,6 +340,8 @@ def test_mechanism_on_federated_updates_clips_each_client_row(iid10):
     history = fl.fit(2)
     assert torch.isfinite(torch.tensor(history["accuracy"].tolist())).all()
     assert noisy.epsilon() == accounted(noise_multiplier=1.0, sample_rate=1.0, steps=2, delta=1e-5)
+    assert history["epsilon_rdp"].tolist() == [accounted(noise_multiplier=1.0, sample_rate=1.0, steps=k, delta=1e-5)
+                                               for k in (1, 2)]  # every round's row carries the budget
 
 
 def test_mechanism_from_a_budget_spends_it():

@@ -167,7 +167,9 @@ class Wire:
 
     Args:
         transforms: callables ``t(tensor, *, kind) -> tensor`` applied in order to every send
-            (defenses on the wire); each ignores kinds it does not handle.
+            (defenses on the wire); each ignores kinds it does not handle. One with a
+            ``report() -> dict`` method (e.g. a DP mechanism's epsilon) has it merged into the
+            protocols' history rows (:meth:`reports`).
         record: keep a transcript of detached copies. Bytes are counted either way.
         transport: how tensors reach the receiver; in-process by default.
 
@@ -274,6 +276,15 @@ class Wire:
             shape = len(tensor) if isinstance(tensor, Packet) else tuple(tensor.shape)
             raise ValueError(f"stacked send for {n} parties needs a tensor with {n} rows, got {shape}")
         return n
+
+    def reports(self) -> dict[str, Any]:
+        """What the transforms with a ``report()`` method report, merged in order (history columns)."""
+        out: dict[str, Any] = {}
+        for t in self.transforms:
+            report = getattr(t, "report", None)
+            if callable(report):
+                out.update(report())
+        return out
 
     def tick(self) -> int:
         """Advance the step counter (protocols call it once per batch or round)."""

@@ -191,6 +191,7 @@ class _Asynchronous(FederatedProtocol, ABC):
                     "dropped": s["dropped"], "rejected": s["rejected"],
                     "staleness": sum(s["staleness"]) / len(s["staleness"]) if s["staleness"] else math.nan,
                     "time": self.clock})
+        row.update(self.wire.reports())  # wire transforms' (e.g. local DP's epsilon)
         self._since = {"loss": [], "staleness": [], "bytes_up": 0, "bytes_down": 0, "rejected": 0,
                        "dropped": 0, "arrived": 0}
         return row

@@ -224,8 +224,9 @@ class FederatedProtocol:
         return received, clients, self.wire.total_bytes - before
 
     def _reports(self, plan: RoundPlan) -> dict[str, Any]:
-        """The history columns the aggregator's ``report()`` and the monitors give for this round."""
-        row: dict[str, Any] = {}
+        """The history columns the wire's transforms, the aggregator's ``report()`` and the monitors
+        give for this round."""
+        row: dict[str, Any] = self.wire.reports()  # wire transforms' (e.g. local DP's epsilon)
         report = getattr(self.aggregator, "report", None)
         if callable(report):
             row.update(report())

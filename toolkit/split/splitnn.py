@@ -282,7 +282,10 @@ class SplitNN(Configurations):
         cols["bytes"] = list(nbytes)
         for key in dict.fromkeys(k for s in steps for k in self.logged.get(s, {})):
             cols[key] = [self.logged.get(s, {}).get(key, math.nan) for s in steps]
-        return pd.DataFrame(cols)
+        frame = pd.DataFrame(cols)
+        for key, value in self.wire.reports().items():  # e.g. a DP transform's epsilon: on the last row
+            frame.loc[frame.index[-1], key] = value
+        return frame
 
     def fit(self, epochs: int | None = 1, *, steps: int | None = None, show_progress: bool = False,
             eval_each_epoch: bool = False) -> pd.DataFrame:
