@@ -41,8 +41,8 @@ from toolkit.split import SplitConfig, SplitNN
 from toolkit.wire import Transfer, Wire
 
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
-GRID = {"gaussian": [0.1, 0.2, 0.3, 0.5, 0.8], "laplace": [0.1, 0.2, 0.3, 0.5],
-        "dropout": [0.5, 0.7, 0.8, 0.9, 0.95], "quantize": [4, 2, 1], "clip": [4.0, 1.0]}
+GRID = {"gaussian": [0.1, 0.2, 0.3, 0.4, 0.5], "laplace": [0.1, 0.2, 0.3],
+        "dropout": [0.5, 0.7, 0.8, 0.9], "quantize": [4, 2, 1], "clip": [4.0, 1.0]}
 SMOKE_GRID = {"gaussian": [0.3], "laplace": [0.3], "dropout": [0.8], "quantize": [2], "clip": [1.0]}
 STRENGTH = {"gaussian": "sigma", "laplace": "b", "dropout": "rate", "quantize": "bits", "clip": "max_norm"}
 
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--attack", choices=("chosen", "all"), default="chosen")
     parser.add_argument("--families", default="gaussian,laplace,dropout")
     parser.add_argument("--accuracy", type=float, default=0.95, help="accuracy a defense must keep")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--images", type=int, default=256, help="test images attacked")
     parser.add_argument("--aux", type=int, default=4000, help="the attacker's same-distribution images")

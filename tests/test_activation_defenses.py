@@ -241,25 +241,29 @@ def attack(digits, client, observed, defense=None):
 @pytest.fixture(scope="module")
 def victims(digits):
     out = {}
-    for name, make in {"none": lambda: None, "noise": lambda: GaussianNoise(1.0, generator=seeded(1)),
-                       "dropout": lambda: CutDropout(0.9, generator=seeded(1))}.items():
+    for name, make in {"none": lambda: None, "noise": lambda: GaussianNoise(0.5, generator=seeded(1)),
+                       "dropout": lambda: CutDropout(0.8, generator=seeded(1))}.items():
         out[name] = train(digits, make())
     return out
 
 
 def test_noise_and_dropout_at_high_strength_lower_the_attack_ssim(digits, victims):
+    """At strengths where the network still learns (measured: accuracy 0.94 without defense, 0.73
+    under noise sigma 0.5, 0.65 under dropout 0.8), the adaptive attack loses SSIM."""
+    assert victims["none"][2] > 0.9 and victims["noise"][2] > 0.5 and victims["dropout"][2] > 0.5
     clean_ssim, _ = attack(digits, *victims["none"][:2])
-    noise_ssim, _ = attack(digits, *victims["noise"][:2], GaussianNoise(1.0, generator=seeded(5)))
-    drop_ssim, _ = attack(digits, *victims["dropout"][:2], CutDropout(0.9, generator=seeded(5)))
-    assert clean_ssim > 0.6
-    assert noise_ssim < clean_ssim - 0.1 and drop_ssim < clean_ssim - 0.1
+    noise_ssim, _ = attack(digits, *victims["noise"][:2], GaussianNoise(0.5, generator=seeded(5)))
+    drop_ssim, _ = attack(digits, *victims["dropout"][:2], CutDropout(0.8, generator=seeded(5)))
+    assert clean_ssim > 0.9  # measured 0.960; noise 0.868, dropout 0.657
+    assert noise_ssim < clean_ssim - 0.05 and drop_ssim < clean_ssim - 0.2
 
 
 def test_the_attacker_who_knows_the_noise_does_better_than_the_naive_one(digits, victims):
+    """Measured: SSIM 0.868 against 0.447, MSE 0.016 against 0.106."""
     client, observed, _ = victims["noise"]
-    adaptive = attack(digits, client, observed, GaussianNoise(1.0, generator=seeded(5)))
+    adaptive = attack(digits, client, observed, GaussianNoise(0.5, generator=seeded(5)))
     naive = attack(digits, client, observed)
-    assert adaptive[0] > naive[0] + 0.05 and adaptive[1] < naive[1]
+    assert adaptive[0] > naive[0] + 0.2 and adaptive[1] < naive[1] / 2
 
 
 def test_a_transcript_is_what_the_attack_reads():
