@@ -19,7 +19,7 @@ grid. For each family the largest strength with test accuracy above ``--accuracy
 * the naive attacker: the same inverse network trained on clean activations of the same client.
 
 SSIM and PSNR are scored against the images, which the attacker never sees. ``act std`` is the
-standard deviation of the client's clean activations on the test set: the client trained under
+standard deviation of the client's clean activations on 512 test images: the client trained under
 noise learns to scale its activations up, so sigma only means something relative to it.
 
     python benchmarks/activation_defenses.py [--threads 1] [--smoke] [--cut relu1|pool1]
