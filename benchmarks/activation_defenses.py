@@ -41,8 +41,8 @@ from toolkit.split import SplitConfig, SplitNN
 from toolkit.wire import Transfer, Wire
 
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
-GRID = {"gaussian": [0.1, 0.2, 0.3, 0.4, 0.5], "laplace": [0.1, 0.2, 0.3],
-        "dropout": [0.5, 0.7, 0.8, 0.9], "quantize": [4, 2, 1], "clip": [4.0, 1.0]}
+GRID = {"gaussian": [0.1, 0.2, 0.3, 0.4, 0.5, 0.8, 1.2], "laplace": [0.1, 0.2, 0.3, 0.5, 0.8],
+        "dropout": [0.3, 0.5, 0.6, 0.7, 0.8, 0.9], "quantize": [4, 2, 1], "clip": [4.0, 1.0]}
 SMOKE_GRID = {"gaussian": [0.3], "laplace": [0.3], "dropout": [0.8], "quantize": [2], "clip": [1.0]}
 STRENGTH = {"gaussian": "sigma", "laplace": "b", "dropout": "rate", "quantize": "bits", "clip": "max_norm"}
 
