@@ -22,6 +22,20 @@ SSIM and PSNR are scored against the images, which the attacker never sees. ``ac
 standard deviation of the client's clean activations on 512 test images: the client trained under
 noise learns to scale its activations up, so sigma only means something relative to it.
 
+Measured (one thread; CPU seconds for the full run: 571 at ReLU1, 381 at pool1), accuracy and
+SSIM / PSNR for the adaptive and the naive attacker at the chosen points:
+
+    ReLU1  none          97.85 %  0.980 / 28.9 dB
+           sigma 0.3     95.60 %  0.853 / 24.6 dB   0.387 / 10.1 dB
+           b 0.3         95.65 %  0.845 / 24.2 dB   0.350 /  9.9 dB
+           rate 0.7      96.20 %  0.627 / 20.3 dB   0.763 / 16.4 dB
+    pool1  none          97.85 %  0.968 / 25.2 dB
+           sigma 0.8     95.75 %  0.883 / 21.7 dB   0.553 / 12.0 dB
+           b 0.5         95.55 %  0.895 / 21.9 dB   0.790 / 17.4 dB
+           rate 0.6      95.25 %  0.697 / 18.0 dB   0.796 / 16.3 dB
+
+At ReLU1, SGD under noise sigma >= 0.8 or b = 0.8 collapses to a dead client (11 % accuracy; b 0.5: 55.5 %).
+
     python benchmarks/activation_defenses.py [--threads 1] [--smoke] [--cut relu1|pool1]
         [--attack chosen|all] [--families gaussian,laplace,dropout]
 """
