@@ -1,13 +1,15 @@
 """Defenses, in three shapes: loss terms (e.g. NoPeek), wire transforms (e.g. activation noise), and
 client- or server-side wrappers (detectors, secure aggregation, differential privacy).
 
-Here now: NoPeek (Vepakomma et al., 2020); SplitGuard-style detection of training hijacking
+Here now: NoPeek (Vepakomma et al., 2020); activation defenses on the Wire (noise, cut-layer
+dropout, quantization, clipping; He et al., 2020); SplitGuard-style detection of training hijacking
 (Erdogan et al., 2022); splintering (Vepakomma, Balla, Raskar, 2020); label defenses (Li et al., 2022); gradient
 defenses for federated updates (pruning, quantization, noise; Zhu et al., 2019); DP-SGD through Opacus for a
 party (defenses.dp, defenses.dp_split), local DP on the Wire (defenses.dp_local), DP-FedAvg and
 per-client DP-SGD accounting (McMahan et al., 2018; Abadi et al., 2016), all with
 toolkit.accounting.
 """
+from defenses.activations import ACTIVATION_DEFENSES, Clip, CutDropout, GaussianNoise, LaplaceNoise, Quantize
 from defenses.dp import DPSGD, make_private
 from defenses.dp_federated import DPFedAvg
 from defenses.dp_local import GaussianMechanism
@@ -20,6 +22,7 @@ from defenses.splintering import Splinter, inner_products, outsource, splintered
 from defenses.splintering_split import SplinteredLayer, first_linear
 
 __all__ = [
+    "ACTIVATION_DEFENSES", "Clip", "CutDropout", "GaussianNoise", "LaplaceNoise", "Quantize",
     "DPSGD", "make_private", "DPParty", "private_party", "GaussianMechanism", "DPFedAvg",
     "GRADIENT_DEFENSES", "GradientNoise", "GradientPruning", "GradientQuantization",
     "IsotropicNoise", "Marvell", "MaxNorm",
