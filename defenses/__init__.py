@@ -1,13 +1,15 @@
 """Defenses, in three shapes: loss terms (e.g. NoPeek), wire transforms (e.g. activation noise), and
 client- or server-side wrappers (detectors, secure aggregation, differential privacy).
 
-Here now: NoPeek (Vepakomma et al., 2020); activation defenses on the Wire (noise, cut-layer
-dropout, quantization, clipping; He et al., 2020); SplitGuard-style detection of training hijacking
-(Erdogan et al., 2022); splintering (Vepakomma, Balla, Raskar, 2020); label defenses (Li et al., 2022); gradient
-defenses for federated updates (pruning, quantization, noise; Zhu et al., 2019); DP-SGD through Opacus for a
-party (defenses.dp, defenses.dp_split), local DP on the Wire (defenses.dp_local), DP-FedAvg and
-per-client DP-SGD accounting (McMahan et al., 2018; Abadi et al., 2016), all with
-toolkit.accounting.
+Here now:
+
+- loss terms and split hooks: NoPeek (Vepakomma et al., 2020); label defenses, max-norm and
+  Marvell (Li et al., 2022); SplitGuard-style detection of training hijacking (Erdogan et al., 2022);
+- Wire transforms: activation noise, cut-layer dropout, quantization, clipping (He et al., 2020);
+  gradient defenses for federated updates, pruning, quantization, noise (Zhu et al., 2019);
+  splintering's shares and decoys (Vepakomma, Balla, Raskar, 2020); local DP (the Gaussian mechanism);
+- wrappers: DP-SGD through Opacus for a party (dp, dp_split) and DP-FedAvg (McMahan et al., 2018),
+  all accounted by toolkit.accounting.
 """
 from defenses.activations import ACTIVATION_DEFENSES, Clip, CutDropout, GaussianNoise, LaplaceNoise, Quantize
 from defenses.dp import DPSGD, make_private
