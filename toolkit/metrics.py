@@ -138,9 +138,14 @@ def _distances(x: Tensor) -> Tensor:
 def _double_centred(x: Tensor) -> Tensor:
     d = _distances(x)
     row = d.mean(0, keepdim=True)  # (1, n); d is symmetric, so the column means are row.T
-    if d.requires_grad:
-        return d - row - row.T + row.mean()
-    return d.sub_(row).sub_(row.T - row.mean())
+    out = d - row if d.requires_grad else d.sub_(row)  # one (n, n) copy at most (d is saved for backward)
+    return out.sub_(row.T - row.mean())
+
+
+def _products(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``sum a*b``, ``sum a*a``, ``sum b*b`` as dot products: no (n, n) temporaries."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    return a @ b, a @ a, b @ b
 
 
 def _ratio(cov: Tensor, vx: Tensor, vz: Tensor, *, root: bool) -> Tensor:
@@ -174,16 +179,16 @@ def distance_correlation(x: Tensor | np.ndarray, z: Tensor | np.ndarray) -> Tens
     if not _needs_grad(x, z):  # evaluation: the one-pass blocked sums
         return _ratio(*_centred_products(_chunked_sums(x, z, _chunk(None, len(x))), len(x), unbiased=False),
                       root=True)
-    a, b = _double_centred(x), _double_centred(z)
-    return _ratio((a * b).mean(), (a * a).mean(), (b * b).mean(), root=True)
+    return _ratio(*_products(_double_centred(x), _double_centred(z)), root=True)  # sums: n^2 cancels
 
 
 def _u_centred(x: Tensor) -> Tensor:
     n = len(x)
     d = _distances(x)
     row = d.sum(0, keepdim=True) / (n - 2)  # (1, n)
-    u = d - row - row.T + row.sum() / (n - 1)  # sum / ((n-1)(n-2)) = row.sum / (n-1)
-    return u.masked_fill(torch.eye(n, dtype=torch.bool), 0.0)
+    u = d - row if d.requires_grad else d.sub_(row)
+    u.sub_(row.T - row.sum() / (n - 1))  # sum / ((n-1)(n-2)) = row.sum / (n-1)
+    return u.masked_fill_(torch.eye(n, dtype=torch.bool), 0.0)
 
 
 def _u_statistics(x, z) -> tuple[Tensor, Tensor, Tensor]:
@@ -193,8 +198,7 @@ def _u_statistics(x, z) -> tuple[Tensor, Tensor, Tensor]:
     if not _needs_grad(x, z):  # evaluation: the one-pass blocked sums
         sums = _centred_products(_chunked_sums(x, z, _chunk(None, n)), n, unbiased=True)
     else:
-        a, b = _u_centred(x), _u_centred(z)
-        sums = (a * b).sum(), (a * a).sum(), (b * b).sum()
+        sums = _products(_u_centred(x), _u_centred(z))
     return tuple(s / scale for s in sums)
 
 
