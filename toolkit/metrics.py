@@ -5,8 +5,8 @@ Distance correlation is written in torch (float64, Euclidean distances, double- 
 rather than taken from ``dcor`` because it must be differentiable (NoPeek trains on it) and fast
 on whole test sets. Distances take the matrix-product path (``|a|^2 + |b|^2 - 2ab``, as
 ``torch.cdist`` does, several times faster than pairwise differences) on data centred first, so
-an offset such as ``x + 1000`` costs no precision; pairs too close to trust from it (duplicates,
-the diagonal) are recomputed from differences. ``dcor`` is the reference in the tests: agreement
+an offset such as ``x + 1000`` costs no precision; pairs too close to trust from it (duplicates)
+are recomputed from differences, the diagonal set to 0. ``dcor`` is the reference in the tests: agreement
 within 1e-10 relative, on plain, shifted (+1000), scaled (x1e3, x1e-3) and discrete (one-hot)
 inputs. Without a gradient to compute (evaluation) every statistic takes the blocked one-pass
 form of :func:`distance_correlation_chunked` (cache-sized row blocks: faster, and O(n * chunk)
@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from toolkit import validate
 
@@ -91,14 +92,15 @@ def _block_distances(x: Tensor, sq: Tensor, start: int, stop: int, radius: Tenso
 
 
 class _Distances(torch.autograd.Function):
-    """(n, n) distances between the rows of ``x`` (n, d), differentiated by hand (no autograd
-    graph through (n, d) float64 copies: NoPeek's term on a batch of 64 costs a fraction).
+    """(n, n) distances between the rows of ``x`` (n, d), differentiated by hand.
 
     Backward: ``dL/dx_i = sum_j w_ij (x_i - x_j) / d_ij`` with ``w = g + g^T``, i.e.
     ``(diag(W 1) - W) x`` for ``W = w / d``: one (n, n) x (n, d) product. The close pairs (zeroed
     in ``W``) take their term from differences instead; a zero distance contributes nothing (the
     subgradient 0, as ``norm`` gives). The gradient sums to 0 over samples, so centring's
-    backward (subtracting its mean) is the identity and skipped; it is cast to ``x``'s dtype."""
+    backward (subtracting its mean) is the identity and skipped; it is cast to ``x``'s dtype.
+    Written by hand because autograd's version keeps and differentiates (n, d) float64 copies
+    (NoPeek's term on a batch of 64 cost 2-3x as much); no second derivative."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
@@ -108,6 +110,7 @@ class _Distances(torch.autograd.Function):
         return d
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g: Tensor) -> Tensor:
         x, d, radius = ctx.saved_tensors
         if radius == 0:
