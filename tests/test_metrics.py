@@ -1,3 +1,5 @@
+import functools
+
 import dcor
 import numpy as np
 import pytest
@@ -36,14 +38,24 @@ def _layouts():
             ("quantised x", (2 * x).round() / 2, z)]
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["evaluation", "differentiable"])
 @pytest.mark.parametrize("name,x,z", _layouts(), ids=[c[0] for c in _layouts()])
-def test_distance_statistics_agree_with_dcor_within_1e10_relative(name, x, z):
+def test_distance_statistics_agree_with_dcor_within_1e10_relative(name, x, z, grad):
     # The module and function docstrings claim 1e-10 relative; the matrix-product path on raw
     # data missed it by 200x on x+1000 (2e-8) and the uncorrected diagonal cost 1e-10 on plain data.
-    xn, zn = x.numpy(), z.numpy()
-    assert float(distance_correlation(x, z)) == pytest.approx(dcor.distance_correlation(xn, zn), rel=1e-10)
-    assert float(u_distance_correlation_sqr(x, z)) == pytest.approx(dcor.u_distance_correlation_sqr(xn, zn), rel=1e-10)
-    assert float(u_distance_covariance_sqr(x, z)) == pytest.approx(dcor.u_distance_covariance_sqr(xn, zn), rel=1e-10)
+    # Without a gradient to compute the blocked sums answer; with one, the (n, n) matrices.
+    z = z.clone().requires_grad_(grad)
+    for ours, ref in zip([distance_correlation, u_distance_correlation_sqr, u_distance_covariance_sqr],
+                         _dcor_reference(name)):
+        got = ours(x, z)
+        assert got.requires_grad == grad and float(got.detach()) == pytest.approx(ref, rel=1e-10)
+
+
+@functools.cache
+def _dcor_reference(name: str) -> tuple[float, float, float]:
+    x, z = next((x.numpy(), z.numpy()) for n, x, z in _layouts() if n == name)
+    return (dcor.distance_correlation(x, z), dcor.u_distance_correlation_sqr(x, z),
+            dcor.u_distance_covariance_sqr(x, z))
 
 
 def test_a_shift_of_the_data_leaves_distance_correlation_unchanged(xz):
@@ -69,6 +81,45 @@ def test_the_gradient_equals_the_exact_paths_gradient(xz):
     distance_correlation(x, fast).backward()
     _exact_dcor(x, exact).backward()
     assert torch.allclose(fast.grad, exact.grad, rtol=1e-8, atol=1e-12)
+
+
+def _near_duplicates(seed: int, n: int = 60, d: int = 5, dtype=torch.float64):
+    """Rows in clusters of 3 a 1e-6 apart (close pairs, recomputed from differences), offset by 50."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n // 3, d, generator=g, dtype=dtype).repeat_interleave(3, 0)
+    return centres + 1e-6 * torch.randn(n, d, generator=g, dtype=dtype) + 50
+
+
+def test_the_gradient_of_close_pairs_equals_the_exact_paths_gradient():
+    # Close pairs take value and gradient from differences (the backward's second part): the
+    # matrix-product expansion alone is off by ~1e-16 * 50^2 / 1e-6 there, i.e. ~1e-6.
+    z = _near_duplicates(6)
+    x = z[:, :2] ** 2 + 0.1 * _near_duplicates(7, d=2)
+    fast, exact = z.clone().requires_grad_(), z.clone().requires_grad_()
+    distance_correlation(x, fast).backward()
+    _exact_dcor(x, exact).backward()
+    assert torch.allclose(fast.grad, exact.grad, rtol=1e-8, atol=1e-10 * exact.grad.abs().max())
+    near = z[:12].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: u_distance_covariance_sqr(x[:12], v), (near,), eps=1e-9,
+                                    atol=1e-5, fast_mode=True)
+
+
+def test_float32_inputs_get_float32_gradients_equal_to_the_float64_ones(xz):
+    x, z = xz
+    z32, z64 = z.clone().requires_grad_(), z.double().requires_grad_()
+    distance_correlation(x, z32).backward()
+    distance_correlation(x, z64).backward()
+    assert z32.grad.dtype == torch.float32
+    assert torch.allclose(z32.grad.double(), z64.grad, rtol=1e-5, atol=1e-7 * z64.grad.abs().max())
+
+
+def test_a_collapsed_layer_has_zero_statistics_and_zero_gradient():
+    z = torch.ones(20, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(20, 3, dtype=torch.float64)
+    assert float(distance_correlation(x, z).detach()) == 0.0
+    cov = u_distance_covariance_sqr(x, z)
+    cov.backward()
+    assert float(cov.detach()) == 0.0 and z.grad is not None and float(z.grad.abs().max()) == 0.0
 
 
 def test_distance_statistics_pass_gradcheck_on_the_matrix_product_path():
@@ -141,8 +192,9 @@ def test_chunked_statistics_equal_the_exact_ones_within_1e10_relative(name, x, z
     # chunk 7 does not divide 300; 1 is one row at a time; 1000 and None are one block
     v = distance_correlation_chunked(x, z, chunk=chunk)
     u = u_distance_correlation_sqr_chunked(x, z, chunk=chunk)
-    assert float(v) == pytest.approx(float(distance_correlation(x, z)), rel=1e-10)
-    assert float(u) == pytest.approx(float(u_distance_correlation_sqr(x, z)), rel=1e-10)
+    full = z.clone().requires_grad_()  # the (n, n) differentiable form
+    assert float(v) == pytest.approx(float(distance_correlation(x, full).detach()), rel=1e-10)
+    assert float(u) == pytest.approx(float(u_distance_correlation_sqr(x, full).detach()), rel=1e-10)
     assert v.dtype == u.dtype == torch.float64 and not v.requires_grad
 
 

@@ -49,7 +49,7 @@ def test_the_term_is_alpha_times_distance_correlation_with_its_gradient():
     term.backward()
     assert float(term.detach()) == pytest.approx(2.5 * ref[0], rel=1e-12)
     assert torch.allclose(layer[1].weight.grad, 2.5 * ref[1], rtol=1e-5, atol=1e-7)  # float32 gradients
-    assert float(NoPeekLoss(0.0)(x, z)) == 0.0 and "alpha=2.5" in repr(NoPeekLoss(2.5))
+    assert float(NoPeekLoss(0.0)(x, z).detach()) == 0.0 and "alpha=2.5" in repr(NoPeekLoss(2.5))
 
 
 def distance_correlation_and_grad(x, layer):
