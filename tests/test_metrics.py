@@ -232,3 +232,23 @@ def test_chunked_statistics_bad_input():
     with pytest.raises(ValueError, match=r"x holds NaN at index \(2, 2\)"):
         distance_correlation_chunked(x, z)
     assert float(distance_correlation_chunked(torch.ones(6, 2), torch.randn(6, 2))) == 0.0
+
+
+def test_a_few_large_rows_do_not_send_every_small_pair_to_the_slow_path():
+    """Heavy-tailed cut-layer outputs (a few large rows, the rest small; NoPeek produces them): the
+    close-pair recomputation is judged by each pair's own norms, so almost no pair needs it, and
+    the value still agrees with dcor."""
+    from toolkit.metrics import _block_distances, _centre, _close
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(400, 64, generator=g, dtype=torch.float64) * 0.05
+    z[:3] *= 2000.0  # three rows of norm ~800, the rest ~0.4
+    x = z @ torch.randn(64, 32, generator=g, dtype=torch.float64) + 0.1 * torch.randn(400, 32, generator=g, dtype=torch.float64)
+    xc, sq, radius = _centre(z)
+    d = _block_distances(xc, sq, 0, len(xc), radius)
+    assert int(_close(d, sq).sum()) < 0.001 * 400 * 399  # the largest-norm rule flagged nearly all
+    assert int((d <= 1e-2 * radius).sum()) > 0.5 * 400 * 399
+    assert float(distance_correlation(x, z)) == pytest.approx(dcor.distance_correlation(x.numpy(), z.numpy()), rel=1e-10)
+    zz = z.clone().requires_grad_()
+    distance_correlation(x, zz).backward()
+    assert torch.isfinite(zz.grad).all()

@@ -44,7 +44,7 @@ def _needs_grad(x: Tensor, z: Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or z.requires_grad)
 
 
-CLOSE = 1e-2  # pairs closer than this fraction of the largest centred norm are recomputed
+CLOSE = 1e-2  # pairs closer than this fraction of sqrt(|a|^2 + |b|^2) (centred) are recomputed
 
 
 def _pair_distances(x: Tensor, i: Tensor, j: Tensor, chunk: int = 1 << 22) -> Tensor:
@@ -54,10 +54,13 @@ def _pair_distances(x: Tensor, i: Tensor, j: Tensor, chunk: int = 1 << 22) -> Te
     return torch.cat(parts) if parts else x.new_zeros(0)
 
 
-def _close(d: Tensor, radius: Tensor, start: int = 0) -> Tensor:
-    """Where a distance of rows ``start:`` is too small to trust from the matrix product (the
-    diagonal, exactly 0, excluded)."""
-    close = d <= CLOSE * radius
+def _close(d: Tensor, sq: Tensor, start: int = 0) -> Tensor:
+    """Where a distance of rows ``start:`` (c, n) is too small to trust from the matrix product:
+    ``d <= CLOSE * sqrt(|a|^2 + |b|^2)``, the pair's own norms (``sq``, (n,), squared), which bound
+    the product's rounding error, so a few large rows do not send every small pair to the slow
+    path (the diagonal, exactly 0, excluded)."""
+    bound = torch.add(sq[start:start + len(d), None], sq[None, :]).sqrt_().mul_(CLOSE)  # (c, n)
+    close = d <= bound
     close.diagonal(start).fill_(False)
     return close
 
@@ -78,8 +81,8 @@ def _block_distances(x: Tensor, sq: Tensor, start: int, stop: int, radius: Tenso
 
     The matrix product computes ``|a|^2 + |b|^2 - 2ab`` with an absolute error of ~1e-16
     (|a|^2 + |b|^2): centring removes any offset from the norms; pairs closer than ``CLOSE``
-    times the largest norm, where the error could pass ~1e-12 relative (duplicates, common in
-    discrete data, come out as 1.5e-8 instead of 0), are recomputed from differences, and the
+    times ``sqrt(|a|^2 + |b|^2)``, where the error could pass ~1e-12 relative (duplicates, common
+    in discrete data, come out as 1.5e-8 instead of 0), are recomputed from differences, and the
     diagonal is set to its exact 0.
     """
     if radius == 0:  # every row equal (a collapsed layer): all distances 0, no pair to recompute
@@ -87,7 +90,7 @@ def _block_distances(x: Tensor, sq: Tensor, start: int, stop: int, radius: Tenso
     d = torch.addmm(sq[None, :], x[start:stop], x.T, alpha=-2)  # (c, n): |b|^2 - 2ab
     d.add_(sq[start:stop, None]).clamp_min_(0).sqrt_()
     d.diagonal(start).zero_()
-    i, j = _close(d, radius, start).nonzero(as_tuple=True)  # close pairs, (m,)
+    i, j = _close(d, sq, start).nonzero(as_tuple=True)  # close pairs, (m,)
     return d.index_put_((i, j), _pair_distances(x, i + start, j)) if len(i) else d
 
 
@@ -106,16 +109,16 @@ class _Distances(torch.autograd.Function):
     def forward(ctx, x: Tensor) -> Tensor:
         xc, sq, radius = _centre(x)
         d = _block_distances(xc, sq, 0, len(xc), radius)
-        ctx.save_for_backward(xc, d, radius)
+        ctx.save_for_backward(xc, d, sq, radius)
         return d
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g: Tensor) -> Tensor:
-        x, d, radius = ctx.saved_tensors
+        x, d, sq, radius = ctx.saved_tensors
         if radius == 0:
             return torch.zeros_like(x)
-        close = _close(d, radius)
+        close = _close(d, sq)
         w = (g + g.T).div_(d).masked_fill_(close, 0.0)  # (n, n) W
         w.diagonal().zero_()  # (0 / 0 there)
         ws = w.sum(1)
