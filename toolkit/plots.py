@@ -169,6 +169,7 @@ def plot_tradeoff(results: pd.DataFrame, x: str = "dcor", y: str = "accuracy", *
         for value, (mx, my) in zip(stats.index, zip(stats[(x, "mean")], stats[(y, "mean")])):
             ax.annotate(f"{parameter}={value:g}" if isinstance(value, (int, float)) else str(value), (mx, my),
                         textcoords="offset points", xytext=(4, 4), fontsize="x-small", color=line[0].get_color())
+    ax.margins(0.1)  # room for the labels of the points at the ends
     n_seeds = results.groupby(parameter).size().max()
     ax.set_xlabel(LABELS.get(x, x))
     ax.set_ylabel(LABELS.get(y, y))
