@@ -141,3 +141,49 @@ def test_a_non_scalar_loss_term_is_refused(small):
     client, server = parts(64, 16, 10)
     with pytest.raises(ValueError, match="scalar loss term"):
         SplitNN.vanilla(client, server, small, config=CFG, hooks={"client": Bad()}).fit(steps=1)
+
+
+def test_several_hooks_act_for_one_party_in_order():
+    from toolkit.split import Hooks
+
+    small = data.load("digits").subset(range(128))
+    client, server = parts(64, 16, 10)
+    twin_c, twin_s = copy.deepcopy(client), copy.deepcopy(server)
+    a, b = Term(1.0), Term(2.0)
+    a.record = lambda step: {"a": 1.0}  # distinct columns from each
+    history = SplitNN.vanilla(client, server, small, config=CFG, hooks={"client": Hooks(a, b)}).fit(steps=2)
+    SplitNN.vanilla(twin_c, twin_s, small, config=CFG, hooks={"client": Term(3.0)}).fit(steps=2)
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(client.parameters(), twin_c.parameters()))
+    assert history["a"].tolist() == [1.0, 1.0] and "term" in history.columns  # both hooks' columns
+    assert set(a.seen) == set(b.seen) == {1, 2}
+
+    class Refuse(Hook):
+        def __init__(self, refuse):
+            self.refuse, self.calls = refuse, 0
+
+        def check(self, step, party, received):
+            self.calls += 1
+            return not self.refuse
+
+    client, server = parts(64, 16, 10)
+    before = client[1].weight.detach().clone()
+    yes, no = Refuse(False), Refuse(True)
+    SplitNN.vanilla(client, server, small, config=CFG, hooks={"client": Hooks(no, yes)}).fit(steps=1)
+    assert torch.equal(client[1].weight, before) and yes.calls == no.calls == 1  # every check ran; one said no
+    sl = SplitNN.vanilla(*parts(64, 16, 10), small, config=CFG, hooks={"client": Hooks(Term(1.0), Term(1.0))})
+    with pytest.raises(ValueError, match="same history column"):
+        sl.fit(steps=1)
+    with pytest.raises(TypeError, match="one or more"):
+        Hooks()
+
+
+def test_at_most_one_hook_of_a_party_may_respond():
+    from toolkit.split import Hooks
+
+    class Echo(Hook):
+        def respond(self, step, received, labels):
+            return [r for r in received]
+
+    assert Hooks(Echo(), Term(1.0)).responds and not Hooks(Term(1.0)).responds
+    with pytest.raises(ValueError, match="at most one hook"):
+        Hooks(Echo(), Echo())

@@ -20,7 +20,7 @@ curve with its spread over seeds.
 A defense factory takes ``(value, generator)`` and returns what the defense is: a
 :class:`~toolkit.split.Hook` (registered for ``SplitExperiment.defended``: the client for NoPeek,
 the server for a label defense), a Wire transform (any other callable ``t(tensor, *, kind)``), a
-list of those, or None (no defense). An attack takes ``(splitnn, dataset, generator)`` and returns
+list of those (several hooks act together, :class:`~toolkit.split.Hooks`), or None (no defense). An attack takes ``(splitnn, dataset, generator)`` and returns
 a dict of metrics (e.g. ``{"ssim": ..., "psnr": ...}``, from ``toolkit.metrics.evaluate``).
 
 Example:
@@ -44,7 +44,7 @@ from toolkit import data as datasets
 from toolkit import metrics, models, validate
 from toolkit.progress import progress
 from toolkit.seeding import seed_everything
-from toolkit.split import Hook, SplitConfig, SplitNN
+from toolkit.split import Hook, Hooks, SplitConfig, SplitNN
 from toolkit.wire import Wire
 
 Trial = Callable[[Any, int], Mapping[str, Any]]
@@ -87,9 +87,7 @@ def _split_defense(made: Any) -> tuple[list[Hook], list[Callable]]:
         if not callable(t):
             raise TypeError(f"a defense factory must return a Hook, a wire transform (callable t(tensor, *, kind)), "
                             f"a list of those or None; got {type(t).__name__}")
-    if len(hooks) > 1:
-        raise ValueError(f"one party holds one hook; the defense returned {len(hooks)}")
-    return hooks, transforms
+    return ([Hooks(*hooks)] if len(hooks) > 1 else hooks), transforms
 
 
 @dataclass

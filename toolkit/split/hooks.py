@@ -72,3 +72,71 @@ class Hook:
     def responds(self) -> bool:
         """Whether this hook replaces its party's task training (it overrides :meth:`respond`)."""
         return type(self).respond is not Hook.respond
+
+
+class Hooks(Hook):
+    """Several hooks acting for one party, e.g. NoPeek's loss term and SplitGuard's checks on the
+    same client: ``hooks={"client": Hooks(NoPeek(3.0), guard)}``.
+
+    In order: each ``labels`` and ``gradients`` hook sees the previous one's output; the ``loss``
+    terms add up; every ``check`` runs and the party steps only if all agree; ``record`` merges
+    (a column two hooks both log is an error). At most one may ``respond``.
+
+    Example:
+        >>> import torch
+        >>> class Twice(Hook):
+        ...     def gradients(self, step, gradient, labels):
+        ...         return 2 * gradient
+        >>> Hooks(Twice(), Twice()).gradients(1, torch.ones(2), None)
+        tensor([4., 4.])
+    """
+
+    def __init__(self, *hooks: Hook):
+        if not hooks or not all(isinstance(h, Hook) for h in hooks):
+            raise TypeError(f"Hooks takes one or more toolkit.split.Hook, got {[type(h).__name__ for h in hooks]}")
+        responders = [h for h in hooks if h.responds]
+        if len(responders) > 1:
+            raise ValueError(f"at most one hook of a party may answer with its own gradients (respond); "
+                             f"got {[type(h).__name__ for h in responders]}")
+        self.hooks = list(hooks)
+        self._responder = responders[0] if responders else None
+
+    def labels(self, step: int, y: Tensor, *, n_classes: int | None) -> Tensor:
+        for h in self.hooks:
+            y = h.labels(step, y, n_classes=n_classes)
+        return y
+
+    @property
+    def responds(self) -> bool:
+        return self._responder is not None
+
+    def respond(self, step: int, received: Sequence[Tensor], labels: Tensor | None) -> Sequence[Tensor]:
+        if self._responder is None:
+            raise NotImplementedError  # SplitNN only calls it when responds is True
+        return self._responder.respond(step, received, labels)
+
+    def loss(self, step: int, inputs: Tensor, outputs: Tensor) -> Tensor | None:
+        terms = [t for t in (h.loss(step, inputs, outputs) for h in self.hooks) if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def gradients(self, step: int, gradient: Tensor, labels: Tensor | None) -> Tensor:
+        for h in self.hooks:
+            gradient = h.gradients(step, gradient, labels)
+        return gradient
+
+    def check(self, step: int, party: Party, received: Sequence[Tensor]) -> bool:
+        verdicts = [h.check(step, party, received) for h in self.hooks]  # every check sees every step
+        return all(verdicts)
+
+    def record(self, step: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for h in self.hooks:
+            logged = h.record(step)
+            clash = set(out) & set(logged)
+            if clash:
+                raise ValueError(f"two hooks of one party log the same history column(s) {sorted(clash)}")
+            out.update(logged)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Hooks({', '.join(type(h).__name__ for h in self.hooks)})"
