@@ -79,7 +79,7 @@ def test_a_step_with_nopeek_equals_the_unsplit_objective_with_the_term(small):
         x, y = small.x_train[64 * k:64 * (k + 1)], small.y_train[64 * k:64 * (k + 1)]
         z = ref_c(x)
         dcor = metrics.distance_correlation(x, z)
-        logged.append(float(dcor))
+        logged.append(float(dcor.detach()))
         (F.cross_entropy(ref_s(z), y) + 3.0 * dcor).backward()
         with torch.no_grad():
             for p in [*ref_c.parameters(), *ref_s.parameters()]:
