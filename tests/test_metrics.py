@@ -238,7 +238,7 @@ def test_a_few_large_rows_do_not_send_every_small_pair_to_the_slow_path():
     """Heavy-tailed cut-layer outputs (a few large rows, the rest small; NoPeek produces them): the
     close-pair recomputation is judged by each pair's own norms, so almost no pair needs it, and
     the value still agrees with dcor."""
-    from toolkit.metrics import _block_distances, _centre, _close
+    from toolkit.dependence import _block_distances, _centre, _close
 
     g = torch.Generator().manual_seed(0)
     z = torch.randn(400, 64, generator=g, dtype=torch.float64) * 0.05
