@@ -16,10 +16,10 @@ from torch import Tensor, nn
 
 from attacks.base import (Attack, AttackResult, check_generator, describe, expect_shape, non_negative,
                           non_negative_int, positive, positive_int, read, select, steps_for)
-from attacks.gradient_matching import (DISTANCES, INTERVAL_DISTANCES, WEIGHTS_THREAT, Interval, Update,
-                                       average_repeats, check_adaptive, check_model, input_gradient, interval_update, last_layer,
-                                       optimize, parameter_gradients, preimage_bounds, read_updates, tv_l1,
-                                       weights_source)
+from attacks.adaptive import (INTERVAL_DISTANCES, Interval, average_repeats, check_adaptive, preimage_bounds,
+                              update_interval)
+from attacks.gradient_matching import (DISTANCES, WEIGHTS_THREAT, Update, check_model, input_gradient, last_layer,
+                                       optimize, parameter_gradients, read_updates, tv_l1, weights_source)
 from toolkit.validate import labels as check_labels
 from toolkit.wire import Transfer
 
@@ -244,19 +244,9 @@ class GradientInversion(Attack):
         for u in updates:
             target = tuple((u.delta if self.local_steps > 1 else u.gradient).values())
             if self.defense is not None:
-                target = self._interval(u, name)
+                target = update_interval(self.defense, u, name, self.client_lr, self.local_steps)
             out.append((target, u.weights, None, self._known_labels(u, self.batch_size, generator)))
         return out
-
-    def _interval(self, u: Update, name: str) -> Interval:
-        """The bounds the known defense puts on ``u``'s target, from the row that crossed."""
-        crossed = u.delta if u.delta is not None else u.gradient
-        flat = torch.cat([v.reshape(-1) for v in crossed.values()])
-        low, high = preimage_bounds(self.defense, flat[None], name)
-        split = [v.numel() for v in crossed.values()]
-        unflat = [dict(zip(crossed, (c.view_as(v) for c, v in zip(b[0].split(split), crossed.values()))))
-                  for b in (low, high)]
-        return interval_update(u, *unflat, self.client_lr, self.local_steps)
 
     def _cut_layer_problems(self, observed: Sequence[Transfer], name: str) -> list[tuple]:
         observed = list(observed)

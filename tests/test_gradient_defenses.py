@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from attacks import DLG
-from attacks.gradient_matching import average_repeats, read_updates
+from attacks.adaptive import average_repeats
+from attacks.gradient_matching import read_updates
 from defenses import GRADIENT_DEFENSES, GradientNoise, GradientPruning, GradientQuantization
 from toolkit import data, metrics, models, seed_everything
 from toolkit.federated import ClientData, FedConfig, FederatedAveraging
