@@ -32,6 +32,8 @@ from toolkit import validate
 from toolkit.federated.batched import BatchedMLP
 from toolkit.federated.clients import ClientData, RoundPlan
 from toolkit.federated.config import LOSSES, FedConfig
+from toolkit.federated.dp_steps import (check_generator, clipped_grad_fn, noise_and_scale, opacus_module,
+                                        opacus_optimizer)
 from toolkit.parties import flat_state, load_flat_state
 
 
@@ -63,16 +65,10 @@ class SequentialExecutor:
     def train(self, model: nn.Module, start: Tensor, data: ClientData, plan: RoundPlan,
               config: FedConfig, out: Tensor | None = None, *,
               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        _check_generator(config, generator)
+        check_generator(config, generator)
         if config.per_sample_dp:
-            from opacus import GradSampleModule  # the reference per-sample DP-SGD: Opacus itself
-            net = GradSampleModule(model, loss_reduction="mean")
-            try:
-                with warnings.catch_warnings():  # Opacus's hooks fire on the first layer, whose inputs need no grad
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    return self._train(net, model, start, data, plan, config, out, generator)
-            finally:
-                net._close()  # the model loses Opacus's hooks and grad_sample attributes
+            with opacus_module(model) as net:  # the reference per-sample DP-SGD: Opacus itself
+                return self._train(net, model, start, data, plan, config, out, generator)
         return self._train(model, model, start, data, plan, config, out, generator)
 
     def _train(self, net: nn.Module, model: nn.Module, start: Tensor, data: ClientData, plan: RoundPlan,
@@ -93,10 +89,7 @@ class SequentialExecutor:
             opt = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
                                   weight_decay=config.weight_decay)
             if config.per_sample_dp:
-                from opacus.optimizers import DPOptimizer
-                opt = DPOptimizer(opt, noise_multiplier=config.dp_noise_multiplier,
-                                  max_grad_norm=config.dp_max_grad_norm, expected_batch_size=config.batch_size,
-                                  generator=generator)
+                opt = opacus_optimizer(opt, config, generator)
             total, steps = 0.0, 0
             for order in plan.orders:
                 for batch in order[row, :count].split(config.batch_size):
@@ -178,7 +171,7 @@ class VectorizedExecutor:
     def train(self, model: nn.Module, start: Tensor, data: ClientData, plan: RoundPlan,
               config: FedConfig, out: Tensor | None = None, *,
               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        _check_generator(config, generator)
+        check_generator(config, generator)
         key = (id(model), id(data), config.batch_size)
         if key not in self._reasons:
             self._reasons[key] = unsupported(model, data, config)
@@ -217,34 +210,10 @@ class VectorizedExecutor:
         key = (id(model), prox, per_client_anchor and prox, config.loss, trainable, self.hand_written_mlp,
                config.dp_max_grad_norm)
         if key not in self._grad_fns:
-            make = self._make_dp_grad_fn if config.per_sample_dp else self._make_grad_fn
-            self._grad_fns[key] = make(model, config, per_client_anchor and prox)
+            self._grad_fns[key] = (clipped_grad_fn(model, config, self.hand_written_mlp) if config.per_sample_dp
+                                   else self._make_grad_fn(model, config, per_client_anchor and prox))
         self.path, fn = self._grad_fns[key]
         return fn
-
-    def _make_dp_grad_fn(self, model: nn.Module, config: FedConfig, per_client_anchor: bool) -> tuple[str, object]:
-        clip = config.dp_max_grad_norm
-        if self.hand_written_mlp and BatchedMLP.supports(model, config.loss):
-            mlp = BatchedMLP(model, config.loss)
-            return "hand-written MLP", lambda params, fixed, x, y, mask, anchor, mu: mlp.clipped_sum(
-                params, x, y, mask, clip)
-        per_sample = LOSSES[config.loss].per_sample
-
-        def sample_loss(params, fixed, x, y):  # one sample's loss
-            loss = per_sample(functional_call(model, {**params, **fixed}, (x.unsqueeze(0),)), y.unsqueeze(0))[0]
-            return loss, loss.detach()
-
-        # per client, per sample: gradients (C, b, *shape) and losses (C, b)
-        per_sample_grads = vmap(vmap(grad(sample_loss, has_aux=True), in_dims=(None, None, 0, 0)))
-
-        def fn(params, fixed, x, y, mask, anchor, mu):
-            grads, losses = per_sample_grads(params, fixed, x, y)
-            norms = torch.stack([g.flatten(2).norm(dim=2) for g in grads.values()], dim=2).norm(dim=2)  # (C, b)
-            factor = (clip / (norms + 1e-6)).clamp(max=1.0) * mask  # Opacus's clip factor; padding drops out
-            summed = {k: torch.einsum("cb,cb...->c...", factor, g) for k, g in grads.items()}
-            return summed, (losses * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-        return "vmap", fn
 
     def _make_grad_fn(self, model: nn.Module, config: FedConfig, per_client_anchor: bool) -> tuple[str, object]:
         if self.hand_written_mlp and BatchedMLP.supports(model, config.loss):
@@ -322,7 +291,7 @@ class VectorizedExecutor:
                 y = y_rows[idx].view(c, hi - lo, *data.y.shape[2:])  # (C, b[, ...])
                 grads, loss = grad_fn(params, fixed, x, y, mask, anchor, config.mu)
                 if config.per_sample_dp:
-                    _noise_and_scale(grads, config, generator)
+                    noise_and_scale(grads, config, generator)
                 loss_sum += torch.where(active, loss.double(), 0.0)
                 steps += active.double()
                 _sgd(params, grads, buffers, active, first, config)
@@ -363,23 +332,6 @@ def _sgd(params: dict[str, Tensor], grads: dict[str, Tensor], buffers: dict[str,
             p.sub_(g, alpha=config.lr)
         else:
             p.addcmul_(g, mask.to(p.dtype), value=-config.lr)
-
-
-def _noise_and_scale(grads: dict[str, Tensor], config: FedConfig, generator: torch.Generator | None) -> None:
-    """DPOptimizer's last two moves, in place on every client's clipped sum: add Gaussian noise
-    of standard deviation ``dp_noise_multiplier * dp_max_grad_norm``, divide by the batch size."""
-    std = config.dp_noise_multiplier * config.dp_max_grad_norm
-    for g in grads.values():
-        if std:
-            g.add_(torch.randn(g.shape, generator=generator, dtype=g.dtype), alpha=std)
-        g.div_(config.batch_size)
-
-
-def _check_generator(config: FedConfig, generator: torch.Generator | None) -> None:
-    validate.generator(generator)
-    if config.dp_noise_multiplier and generator is None:
-        raise ValueError(f"per-sample DP-SGD with dp_noise_multiplier {config.dp_noise_multiplier} draws noise: "
-                         f"pass generator=<a torch.Generator>")
 
 
 def _check_start(start: Tensor, m: int, p: int) -> None:
