@@ -55,39 +55,14 @@ import torch
 from torch import Tensor
 
 from toolkit import validate
-from toolkit.wire import Packet, straight_through
+from defenses.transforms import KindTransform
+from toolkit.wire import straight_through
 
 __all__ = ["GaussianNoise", "LaplaceNoise", "CutDropout", "Quantize", "Clip", "ACTIVATION_DEFENSES"]
 
 
-def _kinds(kinds: str | Sequence[str]) -> tuple[str, ...]:
-    out = (kinds,) if isinstance(kinds, str) else tuple(kinds) if isinstance(kinds, (list, tuple)) else None
-    if not out or not all(isinstance(k, str) and k for k in out):
-        raise ValueError(f"kinds must be a kind name or a non-empty sequence of them (e.g. 'activations'), "
-                         f"got {kinds!r}")
-    return out
-
-
-class _OnKinds:
-    """What every transform here shares: act on ``kinds``, pass other kinds through untouched."""
-
-    def __init__(self, kinds: str | Sequence[str]):
-        self.kinds = _kinds(kinds)
-
-    def __call__(self, t: Tensor, *, kind: str) -> Tensor:
-        if kind not in self.kinds:
-            return t
-        name = type(self).__name__
-        if isinstance(t, Packet):
-            raise ValueError(f"{name} acts on tensors, but kind {kind!r} crossed as a {type(t).__name__}; "
-                             f"apply it before compressing")
-        t = validate.tensor(t, f"{name}: the {kind} sent")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} acts on floating-point tensors, but the {kind} sent are {t.dtype}")
-        return self.apply(t)
-
-    def apply(self, t: Tensor) -> Tensor:
-        raise NotImplementedError  # pragma: no cover  (every transform defines it)
+class _OnKinds(KindTransform):
+    """An activation defense: a :class:`~defenses.transforms.KindTransform` with a short repr."""
 
     def _args(self) -> str:
         raise NotImplementedError  # pragma: no cover

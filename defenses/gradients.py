@@ -34,52 +34,37 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from defenses.activations import GaussianNoise
+from defenses.transforms import KindTransform
 from toolkit import validate
 from toolkit.federated.compression import QSGD, TopK
-from toolkit.federated.packets import SparsePacket
-from toolkit.wire import Packet, straight_through
+from toolkit.wire import straight_through
 
 __all__ = ["GradientNoise", "GradientPruning", "GradientQuantization", "GRADIENT_DEFENSES"]
 
 KINDS = ("update", "gradients")
 
 
-def _kinds(kinds: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(kinds, str) or not all(isinstance(k, str) for k in kinds) or not kinds:
-        raise ValueError(f"kinds must be a non-empty sequence of transfer kinds, e.g. {KINDS}, got {kinds!r}")
-    return tuple(kinds)
+class _RowTransform(KindTransform):
+    """Applies ``self._rows(v (K, P)) -> (K, P)`` row by row (a 1-D tensor is one row)."""
 
+    on_sparse_values = True
 
-class _RowTransform:
-    """Applies ``self._rows(v (K, P)) -> (K, P)`` to the tensors of the kinds it handles."""
-
-    kinds: tuple[str, ...]
-
-    def __call__(self, tensor: Tensor | Packet, *, kind: str) -> Tensor | Packet:
-        if kind not in self.kinds:
-            return tensor
-        if isinstance(tensor, SparsePacket):  # behind top-k compression: act on the values that cross
-            return SparsePacket(counts=tensor.counts, offsets=tensor.offsets, values=self(tensor.values, kind=kind),
-                                numel=tensor.numel, block=tensor.block)
-        if isinstance(tensor, Packet):
-            raise ValueError(f"{self!r} acts on dense tensors and on top-k SparsePackets; got a "
-                             f"{type(tensor).__name__} of kind {kind!r}: put the defense before this compressor "
-                             f"or drop the compressor")
-        t = validate.tensor(tensor, f"the {kind} {type(self).__name__} transforms")
-        if not t.is_floating_point():
-            raise ValueError(f"{type(self).__name__} transforms floating-point {kind}, got dtype {t.dtype}")
+    def apply(self, t: Tensor) -> Tensor:
         if t.numel() == 0:
             return t
         rows = t.reshape(1, -1) if t.dim() <= 1 else t.reshape(len(t), -1)  # (K, P)
         return self._rows(rows).reshape(t.shape)
 
     def _rows(self, v: Tensor) -> Tensor:
-        raise NotImplementedError
+        raise NotImplementedError  # pragma: no cover  (every transform defines it)
 
 
-class GradientNoise(_RowTransform):
+class GradientNoise(GaussianNoise):
     """Additive Gaussian noise ``N(0, variance)`` on every entry (Zhu et al., 2019, sec. 5: variances
-    1e-4 to 1e-1 on the gradient). Give ``variance`` or ``sigma`` (its square root).
+    1e-4 to 1e-1 on the gradient). Give ``variance`` or ``sigma`` (its square root). It is
+    :class:`~defenses.activations.GaussianNoise` on update and gradient kinds, top-k compressed
+    updates included.
 
     On kind ``"update"`` it perturbs what the client sends, the weight delta ``-lr * gradient`` after
     one local step: variance ``v`` on the update is variance ``v / lr**2`` on the gradient.
@@ -96,6 +81,8 @@ class GradientNoise(_RowTransform):
         (0.01, [1.0, 1.0, 1.0])
     """
 
+    on_sparse_values = True
+
     def __init__(self, variance: float | None = None, *, sigma: float | None = None,
                  generator: torch.Generator | None = None, kinds: Sequence[str] = KINDS):
         if (variance is None) == (sigma is None):
@@ -104,12 +91,7 @@ class GradientNoise(_RowTransform):
         self.sigma = validate.non_negative("sigma", sigma) if sigma is not None else \
             validate.non_negative("variance", variance) ** 0.5
         self.variance = self.sigma ** 2
-        self.generator = validate.generator(generator)
-        self.kinds = _kinds(kinds)
-
-    def _rows(self, v: Tensor) -> Tensor:
-        noise = torch.randn(v.shape, generator=self.generator, dtype=v.dtype)  # (K, P)
-        return v + self.sigma * noise
+        super().__init__(self.sigma, kinds=kinds, generator=generator)
 
     def __repr__(self) -> str:
         return f"GradientNoise(variance={self.variance:g})"
@@ -135,7 +117,7 @@ class GradientPruning(_RowTransform):
     def __init__(self, fraction: float, *, kinds: Sequence[str] = KINDS):
         self.fraction = validate.fraction("fraction", fraction)
         self._topk = TopK(1.0 - self.fraction, error_feedback=False)
-        self.kinds = _kinds(kinds)
+        KindTransform.__init__(self, kinds)
 
     def mask(self, v: Tensor) -> Tensor:
         """The kept entries of rows ``v`` (K, P), as a 0/1 tensor of ``v``'s dtype."""
@@ -188,7 +170,7 @@ class GradientQuantization(_RowTransform):
             raise ValueError(f"levels must be at most 127 (8-bit codes), got {levels!r}")
         self.stochastic = validate.boolean("stochastic", stochastic)
         self.generator = validate.generator(generator)
-        self.kinds = _kinds(kinds)
+        KindTransform.__init__(self, kinds)
         self._qsgd = QSGD(self.levels, error_feedback=False)
         forward: Callable[[Tensor], Tensor] = self._qsgd_rows if self.stochastic else self._uniform_rows
         self._apply = straight_through(forward)
@@ -225,7 +207,7 @@ class GradientQuantization(_RowTransform):
         return f"GradientQuantization(levels={self.levels}, stochastic={self.stochastic})"
 
 
-GRADIENT_DEFENSES: dict[str, type[_RowTransform]] = {
+GRADIENT_DEFENSES: dict[str, type[KindTransform]] = {
     "noise": GradientNoise,
     "pruning": GradientPruning,
     "quantization": GradientQuantization,

@@ -85,9 +85,13 @@ def test_other_kinds_pass_unchanged_and_bad_settings_are_refused():
         assert d(v, kind="weights") is v and d(v, kind="activations") is v
     for bad in (lambda: GradientNoise(), lambda: GradientNoise(1e-2, sigma=0.1), lambda: GradientNoise(-1.0),
                 lambda: GradientPruning(1.0), lambda: GradientPruning(-0.1), lambda: GradientQuantization(0),
-                lambda: GradientQuantization(128), lambda: GradientPruning(0.5, kinds="update")):
+                lambda: GradientQuantization(128), lambda: GradientPruning(0.5, kinds=[]),
+                lambda: GradientPruning(0.5, kinds=[3])):
         with pytest.raises(ValueError):
             bad()
+    # one kind name is one kind (as for every Wire-transform defense), never its letters
+    assert GradientPruning(0.5, kinds="update").kinds == ("update",)
+    assert GradientPruning(0.5, kinds="update")(v, kind="u") is v
 
 
 def test_gradients_flow_back_through_the_mask_and_straight_through_quantization():
