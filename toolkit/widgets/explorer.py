@@ -123,7 +123,7 @@ class LeakageExplorer:
 
     def _say(self, text: str, *, error: bool = False) -> None:
         colour = "#b00020" if error else "inherit"
-        self.status.value = f"<span style='color:{colour}'>{html.escape(text)}</span>"
+        self.status.value = f"<span style='color:{colour}'>{html.escape(text, quote=False)}</span>"
 
     def _on_dataset(self, change) -> None:
         try:
@@ -149,6 +149,8 @@ class LeakageExplorer:
         self.cut.value = value
         if wanted not in (None, "-", value):
             self._say(f"{self.model.value} has no layer {wanted!r} to cut after: the cut moved to {value!r}.")
+        else:
+            self._say(f"Ready: {self.dataset.value}, {self.model.value} cut after {value}. Press Run.")
 
     def _set_strength_range(self, value: float | None) -> None:
         option = self.session.defenses[self.defense.value]
