@@ -254,14 +254,14 @@ class LeakageExplorer:
         display(Image(self.reconstruction.value), Image(self.attribution.value), HTML(self.scores.value))
 
     def plot(self, which: str = "reconstruction"):
-        """The last run's ``"reconstruction"`` or ``"attribution"`` figure as (fig, ax) (a matplotlib
-        Figure, shown as a PNG in a notebook)."""
-        if self.outcome is None:
-            raise ValueError("nothing to plot yet: run a setting first (press Run, or call run())")
+        """The last run's ``"reconstruction"`` or ``"attribution"`` figure as (fig, ax): a pyplot figure
+        (a notebook shows it as a PNG), after running the current setting if nothing ran yet."""
         makers = {"reconstruction": figures.reconstruction_figure, "attribution": figures.attribution_figure}
         if which not in makers:
             raise ValueError(f"which must be one of {sorted(makers)}, got {which!r}")
-        fig = makers[which](self.outcome)
+        if self.outcome is None and self.run() is None:
+            raise ValueError(f"nothing to plot: the current setting does not run ({self.status.value})")
+        fig = makers[which](self.outcome, pyplot=True)
         return fig, fig.axes[0]
 
     def __repr__(self) -> str:
