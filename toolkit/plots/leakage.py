@@ -46,12 +46,12 @@ def plot_leakage_profile(frame: pd.DataFrame, *, statistic: str | None = None, h
     ax.set_xticks(layers["index"], layers["layer"], rotation=45, ha="right")
     ax.set_xlabel("output of layer (a cut just after it sends this)")
     ax.set_ylabel(STATISTICS[statistic])
-    ax.set_ylim(0, 1.02)
+    ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     n = sorted(frame["n"].unique())
     ax.set_title(title or f"leakage by layer (n = {', '.join(map(str, n))} samples)", fontsize="medium")
     if hue:
-        ax.legend(title=hue, fontsize="small")
+        ax.legend(title=hue, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     return fig, ax
 
 
