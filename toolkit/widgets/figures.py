@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 
 from toolkit import plots
@@ -67,28 +66,18 @@ def reconstruction_figure(o: Outcome, *, pyplot: bool = False) -> Figure:
 
 
 def attribution_figure(o: Outcome, top: int = 12, *, pyplot: bool = False) -> Figure:
-    """Integrated gradients of the cut-layer activation norm with respect to each input pixel
-    (under each input, red = raises the norm, blue = lowers it, one colour scale), or for
-    tabular data the mean |attribution| per feature, the ``top`` largest as bars."""
-    a = o.attribution
+    """Integrated gradients of the cut-layer activation norm with respect to each input
+    (:func:`toolkit.plots.plot_attribution` under each input image; for tabular data
+    :func:`toolkit.plots.plot_feature_attribution`, the ``top`` features)."""
+    a, n = o.attribution, len(o.attribution)
     if a.dim() == 4:
-        n = len(a)
-        limit = float(a.abs().max()) or 1.0
-        fig = _figure(pyplot, (max(0.9 * n, 5), 3.0), "constrained")
-        top_ax, bottom_ax = fig.subplots(2, 1)
-        plots.plot_images(o.originals, nrow=n, ax=top_ax, title="input")
-        plots.plot_images(a[:, :1], nrow=n, ax=bottom_ax, cmap="RdBu_r", vmin=-limit, vmax=limit,
-                          title="attribution of the activation norm\n(integrated gradients from a black image)")
-        fig.colorbar(bottom_ax.images[0], ax=[top_ax, bottom_ax], label="attribution\n(norm units)", shrink=0.45,
-                     anchor=(0.0, 0.0))
-        fig.suptitle(f"Which pixels the smashed data carries\n{_title(o)}", fontsize="medium")
+        fig = _figure(pyplot, (max(1.3 * n + 1.2, 4), 3.7))
+        plots.plot_attribution(o.originals, a, n=n, ax=fig.subplots(), label="attribution",
+                               title=f"Which pixels the smashed data carries\n(integrated gradients of the activation "
+                                     f"norm, from a black image)\n{_title(o)}")
         return fig
-    mean = a.abs().mean(0)
-    order = torch.argsort(mean, descending=True)[:top].flip(0)
-    names = o.feature_names or [f"feature {i}" for i in range(len(mean))]
-    fig = _figure(pyplot, (6.5, 0.3 * len(order) + 1.4), "constrained")
-    ax = fig.subplots()
-    ax.barh([names[i] for i in order], mean[order].numpy(), color="#4C72B0")
-    ax.set_xlabel("mean |attribution| of the activation norm\n(integrated gradients from the training mean)")
-    ax.set_title(f"Which features the smashed data carries (top {len(order)})\n{_title(o)}", fontsize="medium")
+    fig = _figure(pyplot, (6.5, 0.3 * min(top, a.shape[1]) + 1.6), "constrained")
+    plots.plot_feature_attribution(a, o.feature_names, top=top, ax=fig.subplots(),
+                                   title=f"Which features the smashed data carries\n(integrated gradients of the "
+                                         f"activation norm, from the training mean)\n{_title(o)}")
     return fig
