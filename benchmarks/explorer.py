@@ -16,7 +16,12 @@ wall and CPU seconds, for each ``--threads`` value side by side (the explorer ru
 default: its small models gain nothing from more, and lose a lot when other processes share the
 cores).
 
-    PYTHONPATH=. python benchmarks/explorer.py [--threads 1] [--reps 3]
+Measured here (2 cores shared with other jobs, load average 5.6; median of 2), 1 thread: first
+click 2.6 s, cold clicks 1.2-2.3 s, attack-only 0.7-3.0 s, cached 0.3-0.5 s, slowest 3.2 s (target
+met); 2 threads: cold clicks 14-26 s, 6.6-12x the 1-thread wall time (CPU time grows alike: the
+threads spin on the busy cores), cached about the same.
+
+    PYTHONPATH=. python benchmarks/explorer.py [--threads 1 2] [--reps 3]
 """
 from __future__ import annotations
 
