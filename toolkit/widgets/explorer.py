@@ -84,8 +84,8 @@ class LeakageExplorer:
         self.stop_button = w.Button(description="Stop", button_style="warning", icon="stop", disabled=True)
         self.progress = w.IntProgress(value=0, min=0, max=1, description="progress")
         self.status = w.HTML("Choose a setting and press Run.")
-        self.reconstruction = w.Image(format="png", layout=w.Layout(max_width="560px"))
-        self.attribution = w.Image(format="png", layout=w.Layout(max_width="560px"))
+        self.reconstruction = w.Image(format="png", layout=w.Layout(width="100%", max_width="760px"))
+        self.attribution = w.Image(format="png", layout=w.Layout(width="100%", max_width="760px"))
         self.scores = w.HTML("")
         for widget, name in [(self.dataset, "dataset"), (self.model, "model"), (self.cut, "cut"),
                              (self.defense, "defense"), (self.strength, "strength"), (self.attack, "attack"),
@@ -107,7 +107,7 @@ class LeakageExplorer:
         controls = w.VBox([self.dataset, self.model, self.cut, self.defense, self.strength, self.attack,
                            w.HBox([self.run_button, self.stop_button]), self.progress, self.status, self.scores],
                           layout=w.Layout(min_width="330px"))
-        shown = w.VBox([self.reconstruction, self.attribution])
+        shown = w.VBox([self.reconstruction, self.attribution], layout=w.Layout(flex="1 1 auto"))
         self.widget = w.HBox([controls, shown])
         self.widget.add_class("leaklab-explorer")
 

@@ -71,7 +71,7 @@ def attribution_figure(o: Outcome, top: int = 12, *, pyplot: bool = False) -> Fi
     :func:`toolkit.plots.plot_feature_attribution`, the ``top`` features)."""
     a, n = o.attribution, len(o.attribution)
     if a.dim() == 4:
-        fig = _figure(pyplot, (max(1.3 * n + 1.2, 4), 3.7))
+        fig = _figure(pyplot, (max(0.95 * n + 1.6, 4), 3.6))
         plots.plot_attribution(o.originals, a, n=n, ax=fig.subplots(), label="attribution",
                                title=f"Which pixels the smashed data carries\n(integrated gradients of the activation "
                                      f"norm, from a black image)\n{_title(o)}")
