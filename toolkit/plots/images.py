@@ -38,13 +38,14 @@ def plot_images(images: Tensor | np.ndarray, *, nrow: int | None = None, ax: Axe
 
 
 def _channel_grid(ax: Axes, maps: Tensor, *, vmin: float, vmax: float, cmap: str = "viridis",
-                  numbers: bool = True):
+                  numbers: bool = True, wide: bool = False):
     """One sample's (C, H, W) feature maps as a grid of C tiles on one colour scale, each tile
-    numbered with its channel; returns the image artist (for a colorbar)."""
+    numbered with its channel (``wide``: about 2.5 times as many columns as rows); returns the
+    image artist (for a colorbar)."""
     import matplotlib.patheffects as pe
 
     c, h, w = maps.shape
-    cols = int(np.ceil(np.sqrt(c)))
+    cols = _wide_columns(c, h, w) if wide else int(np.ceil(np.sqrt(c)))
     im = ax.imshow(image_grid(maps[:, None], nrow=cols), cmap=_cmap(cmap), vmin=vmin, vmax=vmax,
                    interpolation="nearest")
     if numbers and c > 1:
@@ -55,6 +56,16 @@ def _channel_grid(ax: Axes, maps: Tensor, *, vmin: float, vmax: float, cmap: str
                     ha="left", path_effects=[pe.withStroke(linewidth=1.5, foreground="black")])
     _bare(ax)
     return im
+
+
+def _wide_columns(c: int, h: int, w: int, aspect: float = 4.0) -> int:
+    """Columns for C tiles of h x w whose grid is about ``aspect`` times as wide as tall, with few
+    empty tiles."""
+    def cost(rows: int) -> float:
+        cols = -(-c // rows)
+        return abs(np.log(cols * w / (rows * h) / aspect)) + 0.5 * (rows * cols - c) / c
+    rows = min(range(1, c + 1), key=cost)
+    return -(-c // rows)
 
 
 def _range(a: Tensor) -> tuple[float, float]:
@@ -123,8 +134,8 @@ def plot_server_view(inputs: Tensor, activations: Tensor, *, n: int = 4, fig: Fi
     n = min(n, len(x))
     flat = a.dim() == 2
     if fig is None:
-        fig = plt.figure(figsize=(7, (1.0 if flat else 2.2) * n + 0.8), layout="constrained")
-    axes = np.asarray(fig.subplots(n, 2, width_ratios=[1, 4 if flat else 2.2], squeeze=False))
+        fig = plt.figure(figsize=(8, (1.0 if flat else 1.6) * n + 0.8), layout="constrained")
+    axes = np.asarray(fig.subplots(n, 2, width_ratios=[1, 4], squeeze=False))
     lo, hi = _range(a[:n])
     for i in range(n):
         _show_input(axes[i, 0], x[i])
@@ -134,7 +145,7 @@ def plot_server_view(inputs: Tensor, activations: Tensor, *, n: int = 4, fig: Fi
                                    interpolation="nearest")
             axes[i, 1].set_yticks([])
         else:
-            im = _channel_grid(axes[i, 1], a[i], vmin=lo, vmax=hi)
+            im = _channel_grid(axes[i, 1], a[i], vmin=lo, vmax=hi, wide=True)
     axes[0, 0].set_title("input (stays with the client)", fontsize="small")
     shape = f"{a.shape[1]} units" if flat else f"{a.shape[1]} channels of {a.shape[2]}x{a.shape[3]}, number = channel"
     axes[0, 1].set_title(f"cut-layer activations (sent to the server): {shape}", fontsize="small")
