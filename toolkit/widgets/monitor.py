@@ -55,14 +55,15 @@ def _series_names(kind: str, column: str) -> tuple[str, str]:
     if kind == "federated":  # FedAvg's accuracy is the global model's, on the test set
         return ("test set (global model)" if column == "accuracy" else "clients' training batches"
                 if column == "loss" else column), "test set (global model)"
-    return ("training batch" if column in ("loss", "accuracy") else "probe inputs" if column == "dcor"
+    return ("training batch" if column in ("loss", "accuracy") else "fixed probe inputs" if column == "dcor"
             else column), "test set"
 
 
 def history_figure(history: pd.DataFrame, metrics: Sequence[str], *, x: str = "step", kind: str = "split",
-                   title: str | None = None, fig: Any = None) -> tuple[Any, list]:
+                   title: str | None = None, fig: Any = None, xmax: float | None = None) -> tuple[Any, list]:
     """One panel per column of ``metrics`` over ``x`` (with its ``test_`` column overlaid as
     markers when the history has one); a column the history lacks gets a panel saying so.
+    ``xmax`` fixes the x range to [0, xmax] (a live figure's curves then grow into a still frame).
 
     Draws on a fresh ``matplotlib.figure.Figure`` (not pyplot: nothing stays registered) or on
     ``fig`` (cleared first); returns ``(fig, axes)``.
@@ -87,6 +88,8 @@ def history_figure(history: pd.DataFrame, metrics: Sequence[str], *, x: str = "s
                                 top=1 - 0.65 / height, wspace=1.0 / (width / n - 0.95))
         for ax, column in zip(axes, metrics):
             _panel(ax, history, column, x=x, kind=kind)
+            if xmax is not None:
+                ax.set_xlim(0, xmax)
     fig.suptitle(title or "")
     return fig, axes
 
@@ -112,11 +115,22 @@ def _panel(ax, history: pd.DataFrame, column: str, *, x: str, kind: str) -> None
     if drawn:
         ax.legend(loc="best", fontsize="small")
     else:
-        hint = " (register toolkit.split.leakage.LeakageProbe)" if column == "dcor" else ""
-        ax.text(0.5, 0.5, f"no '{column}' values yet{hint}", ha="center", va="center", wrap=True,
-                transform=ax.transAxes, fontsize="small", color="0.4")
+        hint = "\n(log it with toolkit.split.leakage.LeakageProbe)" if column == "dcor" and len(history) else ""
+        ax.text(0.5, 0.5, f"no '{column}' values yet{hint}" if len(history) else "waiting for the first values",
+                ha="center", va="center", transform=ax.transAxes, fontsize="small", color="0.4")
     if column in BOUNDED:
         ax.set_ylim(-0.02, 1.02)
+
+
+def _latest(history: pd.DataFrame, column: str) -> str:
+    """``"accuracy 0.91 (test 0.88)"``: the last value of ``column`` (and of ``test_<column>``)."""
+    if column not in history.columns:
+        return ""
+    values = [history[c].dropna() for c in (column, f"test_{column}") if c in history.columns]
+    if not len(values[0]):
+        return ""
+    text = f"{column} {values[0].iloc[-1]:.3g}"
+    return text + (f" (test {values[1].iloc[-1]:.3g})" if len(values) > 1 and len(values[1]) else "")
 
 
 class TrainingMonitor:
@@ -164,6 +178,7 @@ class TrainingMonitor:
         self._widget = None
         self._displayed = False  # the live view was displayed since the last fit (fit shows it otherwise)
         self._figure = None
+        self._xmax: float | None = None  # the x range of the live figure (set by fit)
 
     # -- training ----------------------------------------------------------------------------
     def fit(self, epochs: int | None = None, *, rounds: int | None = None,
@@ -184,8 +199,12 @@ class TrainingMonitor:
         self._before = self.history  # earlier fit calls' rows stay on the figure
         steps = total * math.ceil(self.protocol.n_train / self.protocol.config.batch_size) \
             if self.kind == "split" else total
+        self._xmax = (self.protocol.wire.step + steps if self.kind == "split"
+                      else self.protocol.round + total if self.kind == "federated" else None)
         if not self.static:
             self._show(steps)
+            self._draw(pd.DataFrame(), force=True)  # the empty frame at once (and imports, fonts: warm)
+            self._draw_seconds = 0.0
         if self.kind == "split":
             history = self._fit_split(total, eval_each_epoch)
         else:
@@ -270,30 +289,30 @@ class TrainingMonitor:
             display(widget)  # under the cell that trains
         self._displayed = False
 
-    def _draw(self, history: pd.DataFrame, *, final: bool = False) -> None:
+    def _draw(self, history: pd.DataFrame, *, final: bool = False, force: bool = False) -> None:
         """Redraw the curves of ``history`` (the current call's rows): into the widget when live;
         once, at the end, as a PNG output when static."""
-        if not final and (self.static or time.perf_counter() - self._drawn_at < 4 * self._draw_seconds):
+        if not (final or force) and (self.static or time.perf_counter() - self._drawn_at < 4 * self._draw_seconds):
             return  # static: only the final figure; live: drawing takes at most ~1/5 of the time
         begin = time.perf_counter()
         if len(self._before):
             history = pd.concat([self._before, history], ignore_index=True)
         fig, _ = history_figure(history, self.metrics, x=self.x, kind=self.kind,
-                                title=self._title(history), fig=self._figure)
+                                title=self._title(history), fig=self._figure, xmax=self._xmax)
         self._figure = fig
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=90)
         png = buf.getvalue()
         self.redraws += 1
         self._drawn_at = time.perf_counter()
-        self._draw_seconds = self._drawn_at - begin
+        took = self._drawn_at - begin  # the first draw also pays for imports and fonts: keep the least
+        self._draw_seconds = min(self._draw_seconds, took) if self._draw_seconds else took
         if not self.static:
             self._progress.value = self._count
             seconds = time.perf_counter() - self._start
-            last = history.iloc[-1] if len(history) else {}
-            shown = ", ".join(f"{m} {last[m]:.3g}" for m in self.metrics
-                              if m in getattr(last, "index", ()) and pd.notna(last[m]))
-            self._status.value = (f"{'done' if final else 'training'}: {self._title(history)}"
+            shown = ", ".join(_latest(history, m) for m in self.metrics if _latest(history, m))
+            self._status.value = ("starting..." if not len(history) else
+                                  f"{'done' if final else 'training'}: {self._title(history)}"
                                   f"{'; ' + shown if shown else ''} ({seconds:.1f} s)")
             self._image.value = png
             return
