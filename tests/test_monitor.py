@@ -1,11 +1,11 @@
 """TrainingMonitor: it trains exactly as protocol.fit (split, several clients, federated), its
 figure updates while training runs (live) or is shown once (static, in a real headless kernel),
 and it refuses bad input."""
-import copy
 import os
-import sys
+import warnings
 from pathlib import Path
 
+import ipywidgets
 import nbformat
 import pytest
 import torch
@@ -59,6 +59,14 @@ def test_the_live_figure_updates_while_training_runs(small):
     assert len({png for png, _ in images}) == len(images)  # each redraw shows new points
     assert status.value.startswith("done: SplitNN: epoch 3, step 21") and "dcor" in status.value
     assert "leaklab-monitor" in box._dom_classes and "leaklab-monitor-figure" in image._dom_classes
+    ids = [w.model_id for w in (box, status, bar, image)]
+    with warnings.catch_warnings():  # Widget.widgets: ipywidgets' kernel-wide registry (deprecated name)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        registered = ipywidgets.Widget.widgets  # it keeps every widget alive until closed
+    assert all(i in registered for i in ids)
+    monitor.close()
+    assert not any(i in registered for i in ids) and all(w.comm is None for w in (box, status, bar, image))
+    assert monitor.widget is not box  # a new live view when it is needed again
 
 
 def test_static_mode_draws_once_and_comes_from_the_environment(small, monkeypatch):

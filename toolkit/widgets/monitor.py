@@ -328,6 +328,14 @@ class TrainingMonitor:
         if get_ipython() is not None:  # a notebook or IPython: one PNG output
             display(Image(data=png, format="png"))
 
+    def close(self) -> None:
+        """Close the live view's widgets (ipywidgets keeps every widget, and so its last PNG, in
+        the kernel until it is closed); a later live fit builds new ones."""
+        if self._widget is not None:
+            for w in (*self._widget.children, self._widget):
+                w.close()
+            self._widget = None
+
     def _ipython_display_(self) -> None:
         if not self.static:
             from IPython.display import display
