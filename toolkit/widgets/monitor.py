@@ -89,7 +89,7 @@ def history_figure(history: pd.DataFrame, metrics: Sequence[str], *, x: str = "s
         for ax, column in zip(axes, metrics):
             _panel(ax, history, column, x=x, kind=kind)
             if xmax is not None:
-                ax.set_xlim(0, xmax)
+                ax.set_xlim(0, xmax * 1.03)  # room for the last marker
     fig.suptitle(title or "")
     return fig, axes
 
