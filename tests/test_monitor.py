@@ -57,6 +57,7 @@ def test_the_live_figure_updates_while_training_runs(small):
     steps = [at for _, at in images]
     assert steps[0] < 21 and steps[-1] == 21 == bar.max and steps == sorted(steps)  # mid-run, then the end
     assert len({png for png, _ in images}) == len(images)  # each redraw shows new points
+    assert images[0][1] == 0 and monitor._figure.axes[0].get_xlim() == pytest.approx((0, 21 * 1.03))  # whole run
     assert status.value.startswith("done: SplitNN: epoch 3, step 21") and "dcor" in status.value
     assert "leaklab-monitor" in box._dom_classes and "leaklab-monitor-figure" in image._dom_classes
     ids = [w.model_id for w in (box, status, bar, image)]

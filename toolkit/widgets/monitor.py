@@ -143,7 +143,8 @@ class TrainingMonitor:
         metrics: the history columns to plot, one panel each (``"loss"``, ``"accuracy"``,
             ``"dcor"``, an epsilon column, ...); a ``test_<name>`` column is overlaid.
         every: redraw after this many steps (rounds, epochs for several clients), and only when
-            the last redraw took at most a fifth of the time since (a redraw costs ~0.3 s).
+            the last redraw took at most a fifth of the time since (drawing stays under ~20% of
+            the run); the live x axis spans the whole run from the start.
         static: force the static run (True) or the live widget (False); None: :func:`static_mode`.
 
     Example:
