@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -42,12 +43,22 @@ def static_mode() -> bool:
     """Whether widgets should run statically: no Jupyter kernel, or LEAKLAB_STATIC=1 or LEAKLAB_SMOKE=1."""
     if os.environ.get(STATIC_ENV) == "1" or os.environ.get(SMOKE_ENV) == "1":
         return True
-    try:
-        from IPython import get_ipython
-    except ModuleNotFoundError:  # pragma: no cover - IPython comes with ipywidgets
-        return True
-    shell = get_ipython()
+    shell = _shell()
     return shell is None or getattr(shell, "kernel", None) is None
+
+
+def _shell():
+    """The running IPython shell, or None. Under IPython, IPython is already imported (so this
+    module never imports it: it comes with the notebooks extra's ipykernel, not as a dependency)."""
+    ipython = sys.modules.get("IPython")
+    return ipython.get_ipython() if ipython is not None else None
+
+
+def _display(obj: Any) -> None:
+    """IPython's display of ``obj`` (nothing when IPython was never imported: no one to show it to)."""
+    ipython = sys.modules.get("IPython")
+    if ipython is not None:
+        ipython.display.display(obj)
 
 
 def _series_names(kind: str, column: str) -> tuple[str, str]:
@@ -281,13 +292,11 @@ class TrainingMonitor:
         return self._widget
 
     def _show(self, steps: int) -> None:
-        from IPython.display import display
-
         widget = self.widget
         self._progress.max, self._progress.value = steps, 0
         self._status.value = "starting..."
         if not self._displayed:
-            display(widget)  # under the cell that trains
+            _display(widget)  # under the cell that trains
         self._displayed = False
 
     def _draw(self, history: pd.DataFrame, *, final: bool = False, force: bool = False) -> None:
@@ -321,13 +330,8 @@ class TrainingMonitor:
 
     @staticmethod
     def _display_png(png: bytes) -> None:
-        try:
-            from IPython import get_ipython
-            from IPython.display import Image, display
-        except ModuleNotFoundError:  # pragma: no cover - IPython comes with ipywidgets
-            return
-        if get_ipython() is not None:  # a notebook or IPython: one PNG output
-            display(Image(data=png, format="png"))
+        if _shell() is not None:  # a notebook or IPython: one PNG output
+            _display(sys.modules["IPython"].display.Image(data=png, format="png"))
 
     def close(self) -> None:
         """Close the live view's widgets (ipywidgets keeps every widget, and so its last PNG, in
@@ -339,9 +343,7 @@ class TrainingMonitor:
 
     def _ipython_display_(self) -> None:
         if not self.static:
-            from IPython.display import display
-
-            display(self.widget)
+            _display(self.widget)
             self._displayed = True
         else:
             fig, _ = self.figure()
