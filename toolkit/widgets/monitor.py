@@ -4,8 +4,8 @@
 for a federated protocol) trains exactly as ``protocol.fit`` would and returns the same history;
 while it runs, a status line, a progress bar and one panel per history column asked for are
 redrawn every ``every`` steps (rounds). The figure is rendered with matplotlib's Agg canvas into
-an ``ipywidgets.Image`` (a PNG): no ipympl or front-end extension, so it shows in JupyterLab,
-Notebook 7 and Voila alike. Leakage columns come from the protocol's history: ``dcor`` from a
+an ``ipywidgets.Image`` (a PNG): no ipympl or front-end extension, so it shows in JupyterLab and
+Voila alike (both looked at in chromium). Leakage columns come from the protocol's history: ``dcor`` from a
 :class:`toolkit.split.leakage.LeakageProbe` (or NoPeek's batch value), epsilon from a DP
 accountant, or any other numeric column.
 
@@ -77,7 +77,7 @@ def history_figure(history: pd.DataFrame, metrics: Sequence[str], *, x: str = "s
     ``xmax`` fixes the x range to [0, xmax] (a live figure's curves then grow into a still frame).
 
     Draws on a fresh ``matplotlib.figure.Figure`` (not pyplot: nothing stays registered) or on
-    ``fig`` (cleared first); returns ``(fig, axes)``.
+    ``fig`` (its axes cleared and reused when there is one per metric); returns ``(fig, axes)``.
     """
     import seaborn as sns
     from matplotlib.figure import Figure
