@@ -43,7 +43,7 @@ class AttackResult:
                  (("reconstruction", self.reconstruction), ("labels", self.labels), ("scores", self.scores))
                  if t is not None]
         if self.history:
-            parts.append(f"{len(self.history)} steps, final objective {self.history[-1]:.4g}")
+            parts.append(f"{len(self.history)} step{'s' if len(self.history) != 1 else ''}, final objective {self.history[-1]:.4g}")
         return f"AttackResult({self.attack}: {', '.join(parts) or 'empty'})"
 
     def plot(self, ax=None, *, n: int = 16):

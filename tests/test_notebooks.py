@@ -61,3 +61,13 @@ def test_quickstart_is_there_and_the_report_cli_names_its_output(tmp_path, capsy
         main([str(tmp_path / "missing.ipynb"), "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="threads must be a positive int"):
         execute(quickstart, threads=0)
+
+
+def test_headless_runs_save_no_frozen_progress_bars(tmp_path):
+    path = tmp_path / "bar.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "from toolkit.progress import progress\nfor _ in progress(range(3), show=True, desc='training'):\n"
+        "    pass\nprint('done')")]), path)
+    outputs = execute(path, threads=1).cells[0].outputs
+    text = " ".join(str(o.get("text", "")) + str(o.get("data", {})) for o in outputs)
+    assert "done" in text and "training" not in text and "%|" not in text

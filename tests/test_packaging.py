@@ -18,7 +18,8 @@ def _name(requirement: str) -> str:
 
 def test_environment_yml_lists_the_same_packages_as_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pypi = {_name(r) for r in project["dependencies"] + project["optional-dependencies"]["notebooks"]}
+    pypi = {_name(r) for r in project["dependencies"] + project["optional-dependencies"]["notebooks"]
+            + project["optional-dependencies"]["test"]}
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     conda = {CONDA_TO_PYPI.get(_name(d), _name(d)) for d in env["dependencies"] if isinstance(d, str)}
     assert conda - CONDA_ONLY == pypi

@@ -48,6 +48,9 @@ def test_activation_grid_numbers_each_channel_on_one_colour_scale():
     # the raw values are drawn (not rescaled per map): tile 0 is channel 0 of sample 1
     assert np.allclose(im.get_array()[:5, :5], z[1, 0].numpy())
     plt.close(fig)
+    fig, ax = plots.plot_activations(z, vmin=0.0, vmax=10.0)  # a fixed scale, to compare panels
+    assert ax.images[0].get_clim() == (0.0, 10.0)
+    plt.close(fig)
     with pytest.raises(ValueError, match="sample 5 is out of range"):
         plots.plot_activations(z, sample=5)
 
@@ -62,6 +65,10 @@ def test_server_view_puts_inputs_beside_their_activations():
         assert axes[i, 0].get_ylabel() == f"sample {i}"
         assert axes[i, 1].images[0].get_clim() == pytest.approx((float(z[:3].min()), float(z[:3].max())))
     assert _colorbar_label(fig) == ["activation"]
+    plt.close(fig)
+    given = plt.figure()
+    fig, axes = plots.plot_server_view(x, z, n=2, fig=given)  # into the caller's figure
+    assert fig is given and axes.shape == (2, 2)
     plt.close(fig)
     fig, axes = plots.plot_server_view(torch.rand(4, 10), torch.randn(4, 32), n=2)  # tabular, flat
     assert axes[1, 1].images[0].get_array().shape == (1, 32) and axes[-1, 1].get_xlabel() == "unit"

@@ -93,6 +93,12 @@ def test_embedding_places_each_sample_once_coloured_by_label():
     assert np.array_equal(a1.collections[0].get_offsets(), a2.collections[0].get_offsets())  # same seed, same map
     assert a1.get_xlabel().startswith("t-SNE 1")
     plt.close(f1), plt.close(f2)
+    f3, a3 = plots.plot_embedding(z, labels, normalize=True)
+    unit = z.flatten(1).double() / z.flatten(1).double().norm(dim=1, keepdim=True)
+    expected = PCA(n_components=2, svd_solver="full").fit_transform(unit.numpy())
+    assert np.allclose(np.abs(a3.collections[1].get_offsets()), np.abs(expected[labels.numpy() == 1]))
+    assert "unit-norm" in a3.get_title()
+    plt.close(f3)
     with pytest.raises(ValueError, match="unknown method 'umap'"):
         plots.plot_embedding(z, labels, method="umap")
     with pytest.raises(ValueError, match="30 feature rows but 29 labels"):

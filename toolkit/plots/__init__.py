@@ -1,6 +1,6 @@
 """Figures. Every helper takes ``ax=None`` (a multi-panel figure ``fig=None``) and returns
 ``(fig, ax)`` (or ``(fig, axes)``); none calls ``plt.show()``."""
-from toolkit.plots._base import LABELS, _axes, byte_unit, image_grid
+from toolkit.plots._base import LABELS, _axes, byte_unit, image_grid  # noqa: F401  (_axes: attacks.base uses it)
 from toolkit.plots.attribution import plot_attribution, plot_feature_attribution
 from toolkit.plots.curves import plot_communication, plot_history, plot_partition, plot_tradeoff
 from toolkit.plots.images import plot_activations, plot_images, plot_reconstruction_grid, plot_server_view

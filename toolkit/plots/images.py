@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from toolkit.plots._base import _axes, _bare, _tensor, image_grid
@@ -74,22 +73,25 @@ def _range(a: Tensor) -> tuple[float, float]:
 
 
 def plot_activations(activations: Tensor, *, sample: int = 0, ax: Axes | None = None,
-                     title: str | None = None) -> tuple[Figure, Axes]:
+                     title: str | None = None, vmin: float | None = None,
+                     vmax: float | None = None) -> tuple[Figure, Axes]:
     """What crossed the cut: one sample's feature maps (B, C, H, W) as a grid of C tiles numbered by
     channel, or a batch of vectors (B, D) as a heat map (one row per sample); one colour scale with a
-    colorbar in activation units."""
+    colorbar in activation units (``vmin`` / ``vmax`` fix it, e.g. to compare panels; default: the
+    range of what is drawn)."""
     a = _tensor(activations, "activations")
     if a.dim() == 4:
         if not -a.shape[0] <= sample < a.shape[0]:
             raise ValueError(f"sample {sample} is out of range for {a.shape[0]} samples")
         fig, ax = _axes(ax, (5, 4.5))
         maps = a[sample]
-        im = _channel_grid(ax, maps, vmin=_range(maps)[0], vmax=_range(maps)[1])
+        lo, hi = _range(maps)
+        im = _channel_grid(ax, maps, vmin=lo if vmin is None else vmin, vmax=hi if vmax is None else vmax)
         c, h, w = maps.shape
         ax.set_xlabel(f"image {sample}: {c} channel maps of {h}x{w} (number = channel)", fontsize="small")
     elif a.dim() == 2:
         fig, ax = _axes(ax, (6, 3))
-        im = ax.imshow(a.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        im = ax.imshow(a.numpy(), aspect="auto", cmap="viridis", interpolation="nearest", vmin=vmin, vmax=vmax)
         ax.set_xlabel("unit")
         ax.set_ylabel("sample")
     else:
@@ -209,7 +211,7 @@ def plot_reconstruction_grid(rows: dict[str, Tensor], *, n: int = 8, ax: Axes | 
     if scores and len(images) > 1:
         box = ax.get_position()
         inch = min(box.width * fig.get_figwidth() / canvas.shape[1], box.height * fig.get_figheight() / canvas.shape[0])
-        size = float(np.clip(w * inch * 72 / 6.5, 4.5, 9))
+        size = float(np.clip(w * inch * 72 / 6.5, 6, 9))
         for r, t in enumerate(images[1:], start=1):
             p, s = metrics.psnr(t, images[0]), metrics.ssim(t, images[0])
             for k in range(m):

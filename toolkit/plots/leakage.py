@@ -56,11 +56,13 @@ def plot_leakage_profile(frame: pd.DataFrame, *, statistic: str | None = None, h
 
 
 def plot_embedding(features, labels, *, method: str = "pca", seed: int = 0, ax: Axes | None = None,
-                   title: str | None = None, perplexity: float | None = None) -> tuple[Figure, Axes]:
+                   title: str | None = None, perplexity: float | None = None,
+                   normalize: bool = False) -> tuple[Figure, Axes]:
     """Features (N, ...) (cut-layer activations or gradients) in 2-D, one colour per label: how well
     labels separate in what the server sees. ``method`` "pca" (scikit-learn PCA, axes in % of
     variance) or "tsne" (scikit-learn TSNE, PCA-initialised, ``random_state=seed``; perplexity
-    defaults to min(30, (N - 1) / 3))."""
+    defaults to min(30, (N - 1) / 3)). ``normalize`` scales each row to unit L2 norm first
+    (directions only: for cut-layer gradients, whose norms shrink to ~0 on well-fit samples)."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
@@ -74,7 +76,10 @@ def plot_embedding(features, labels, *, method: str = "pca", seed: int = 0, ax: 
         raise ValueError(f"{len(z)} feature rows but {len(y)} labels")
     if not torch.isfinite(z).all():
         raise ValueError("features hold NaN or Inf")
-    z = z.flatten(1).double().numpy()
+    z = z.flatten(1).double()
+    if normalize:
+        z = z / z.norm(dim=1, keepdim=True).clamp(min=1e-300)
+    z = z.numpy()
     if method == "pca":
         pca = PCA(n_components=2, svd_solver="full")
         xy = pca.fit_transform(z)
@@ -94,6 +99,6 @@ def plot_embedding(features, labels, *, method: str = "pca", seed: int = 0, ax: 
     ax.set_xlabel(names[0])
     ax.set_ylabel(names[1])
     ax.legend(title="label", fontsize="small", markerscale=1.5, loc="upper left", bbox_to_anchor=(1.01, 1))
-    ax.set_title(title or f"{'PCA' if method == 'pca' else 't-SNE'} of {len(z)} samples, coloured by label",
-                 fontsize="medium")
+    ax.set_title(title or f"{'PCA' if method == 'pca' else 't-SNE'} of {len(z)} samples"
+                 f"{' (unit-norm rows)' if normalize else ''}, coloured by label", fontsize="medium")
     return fig, ax
