@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from toolkit import data as datasets
 from toolkit import metrics, models, validate
+from toolkit.data.folders import _find
 from toolkit.experiments import SplitExperiment, _split_defense
 from toolkit.split import SplitConfig, SplitNN
 from toolkit.wire import Transfer, Wire
@@ -48,6 +49,11 @@ DATASETS: dict[str, Callable[[], datasets.Dataset]] = {
     "digits 28x28": lambda: datasets.load("digits", image_size=28),              # for LeNet
     "mnist": lambda: datasets.load("mnist").subset(range(4000)),                 # 4,000 train images
     "breast_cancer": lambda: datasets.load("breast_cancer"),                     # tabular, 30 features
+}
+# name -> whether its files are there (checked without loading: a dataset loads when it is chosen)
+PRESENT: dict[str, Callable[[], bool]] = {
+    "mnist": lambda: all(_find(datasets.default_root() / "mnist", f) for f in ("t10k-images-idx3-ubyte",
+                                                                          "t10k-labels-idx1-ubyte")),
 }
 IMAGE_MODELS = ("mlp", "convnet", "lenet")
 TABULAR_MODELS = ("tabular_mlp",)
@@ -212,15 +218,9 @@ class ExplorerSession:
         return self._data[name]
 
     def available_datasets(self) -> list[str]:
-        """Dataset names that load here (mnist is skipped when its files are absent)."""
-        out = []
-        for name in self.loaders:
-            try:
-                self.dataset(name)
-            except FileNotFoundError:
-                continue
-            out.append(name)
-        return out
+        """Dataset names offered here: mnist only when its files are in ``toolkit.data.default_root()``
+        (checked without loading it; every dataset loads when first chosen)."""
+        return [name for name in self.loaders if name not in PRESENT or PRESENT[name]()]
 
     def models_for(self, dataset: str) -> list[str]:
         ds = self.dataset(dataset)
