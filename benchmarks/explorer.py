@@ -42,6 +42,7 @@ SETTINGS = [  # (label, Setting keyword arguments)
     ("convnet cut pool1, NoPeek 3, white-box", dict(model="convnet", cut="pool1", defense="NoPeek", strength=3.0)),
     ("convnet cut pool1, noise 0.5, inverse network", dict(model="convnet", cut="pool1", defense="Gaussian noise",
                                                           strength=0.5, attack="inverse network")),
+    ("28x28 digits, lenet cut pool1, white-box", dict(dataset="digits 28x28", model="lenet", cut="pool1")),
 ]
 
 
@@ -69,7 +70,9 @@ def main() -> None:
 
     def explorer(threads: int) -> LeakageExplorer:
         return LeakageExplorer(defenses=EXPLORER_DEFENSES, attacks=EXPLORER_ATTACKS,
-                               datasets={"digits": lambda: data.load("digits")}, epochs=2, threads=threads)
+                               datasets={"digits": lambda: data.load("digits"),
+                                         "digits 28x28": lambda: data.load("digits", image_size=28)},
+                               epochs=2, threads=threads)
 
     load = os.getloadavg()[0]
     start, cpu = time.perf_counter(), time.process_time()
