@@ -16,10 +16,12 @@ wall and CPU seconds, for each ``--threads`` value side by side (the explorer ru
 default: its small models gain nothing from more, and lose a lot when other processes share the
 cores).
 
-Measured here (2 cores shared with other jobs, load average 5.6; median of 2), 1 thread: first
-click 2.6 s, cold clicks 1.2-2.3 s, attack-only 0.7-3.0 s, cached 0.3-0.5 s, slowest 3.2 s (target
-met); 2 threads: cold clicks 14-26 s, 6.6-12x the 1-thread wall time (CPU time grows alike: the
-threads spin on the busy cores), cached about the same.
+Measured here (2 cores, median of 2), 1 thread. Idle machine (load average 1.5-1.9): first click
+1.7 s, cold clicks 0.5-1.6 s, attack only 0.4-0.9 s (6.6 s for the inverse network on 28x28 LeNet),
+cached 0.2 s; slowest 6.6 s (target met). With other jobs on the cores (load 5.6, before the LeNet
+row and the 1,000-query inverse network): cold 1.2-2.3 s, slowest 3.2 s. Two threads: 0.6-0.9x the
+wall time for the conv nets when idle, but 31-37x for the MLP clicks (15 s; CPU time alike), and
+6.6-12x for every cold click under load: the explorer's default is one thread.
 
     PYTHONPATH=. python benchmarks/explorer.py [--threads 1 2] [--reps 3]
 """

@@ -183,9 +183,10 @@ class ExplorerSession:
         n_attack: test inputs attacked and shown.
         n_eval: test inputs the distance correlation is computed on.
         cache_size: trained models (and as many attack results) kept, least recently used dropped.
-        threads: torch intra-op threads during a run, restored after it (the explorer's small models
-            run fastest on one, and much slower on several when other processes share the cores:
-            benchmarks/explorer.py); None leaves torch's setting.
+        threads: torch intra-op threads during a run, restored after it; None leaves torch's setting.
+            One by default: on 2 cores two threads save 10-40 % on the conv nets when the machine is
+            idle but make the MLP clicks 30x slower, and every cold click 6-12x slower when other
+            processes share the cores (benchmarks/explorer.py).
     """
 
     def __init__(self, *, defenses: Mapping[str, Any], attacks: Mapping[str, Callable], datasets: Mapping | None = None,
