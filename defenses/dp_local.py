@@ -2,13 +2,14 @@
 
 Each row of what crosses (a sample's cut-layer activations, a client's model update; rows and
 clipping as in :func:`defenses.transforms.clip_rows`, shared with
-:class:`~defenses.activations.Clip`) is clipped to L2 norm ``max_norm`` and gets Gaussian noise
-of standard deviation ``noise_multiplier * max_norm`` on every entry: one release of the Gaussian
+:class:`~defenses.activations.Clip`) is clipped to L2 norm ``max_norm`` and gets Gaussian noise of
+standard deviation ``noise_multiplier * max_norm`` on every entry: one release of the Gaussian
 mechanism with L2 sensitivity ``max_norm`` per row (Dwork & Roth, "The algorithmic foundations of
-differential privacy", 2014, Appendix A; the clipped local randomizer of DP split learning and LDP federated learning, e.g. Titcombe et
-al., "Practical defences against model inversion attacks for split neural networks", 2021). It
-runs as a wire transform on the sender's side, inside its autograd graph: the gradient that comes
-back flows through the clipping (the norm included) and the noise (an added constant).
+differential privacy", 2014, Appendix A; the clipped local randomizer of DP split learning and LDP
+federated learning, e.g. Titcombe et al., "Practical defences against model inversion attacks for
+split neural networks", 2021). It runs as a wire transform on the sender's side, inside its
+autograd graph: the gradient that comes back flows through the clipping (the norm included) and
+the noise (an added constant).
 
 Epsilon: the receiver sees every row it gets, so there is no amplification by sampling (sample
 rate 1.0). A sample's budget composes its own releases, one per pass in which its row crosses
