@@ -9,10 +9,10 @@ acts entry by entry on top-k compressed updates too sets ``on_sparse_values = Tr
 
 Rows. A defense that acts per row (clipping, the Gaussian mechanism) reads dim 0 as the rows: a
 sample's activations in a split batch ``(B, ...)``, a client's update in a stacked send ``(K, P)``.
-A 1-D tensor depends on the kind (:func:`row_count`): on the batch-first kinds the split engine sends,
-``"activations"`` and the ``"gradients"`` that come back for them (:data:`BATCH_KINDS`), dim 0 is
-always the batch, so ``(B,)`` is B samples of one entry each; on every other kind (``"update"``,
-``"weights"``, ...) a 1-D tensor is one party's vector, one row.
+What a 1-D tensor is depends on the kind (:func:`row_count`): on the batch-first kinds the split
+engine sends, ``"activations"`` and the ``"gradients"`` that come back for them
+(:data:`BATCH_KINDS`), dim 0 is always the batch, so ``(B,)`` is B samples of one entry each; on
+every other kind (``"update"``, ``"weights"``, ...) a 1-D tensor is one party's vector, one row.
 
 Example:
     >>> clip_rows(torch.tensor([3.0, 4.0]), 1.0, kind="update").tolist()  # one client's update
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+import torch  # noqa: F401  (the docstring examples use it)
 from torch import Tensor
 
 from toolkit import validate
@@ -45,6 +45,8 @@ def row_count(t: Tensor, kind: str) -> int:
 def clip_rows(t: Tensor, max_norm: float, *, kind: str) -> Tensor:
     """Scale each row of ``t`` (as ``kind``) to L2 norm at most ``max_norm``; rows inside the ball
     are unchanged. Differentiable: the gradient flows through the norm."""
+    if t.numel() == 0:
+        return t  # no rows (an empty batch): nothing to clip
     norms = t.reshape(row_count(t, kind), -1).norm(dim=1)  # (N,)
     scale = (max_norm / norms.clamp(min=1e-12)).clamp(max=1.0)  # 1 for rows already inside the ball
     return t * scale.view(-1, *([1] * (t.dim() - 1)))

@@ -165,6 +165,7 @@ def test_clip_bounds_every_row_and_keeps_short_rows_and_directions():
     # shared defenses.transforms.clip_rows)
     assert Clip(1.0, kinds="update")(torch.tensor([3.0, 4.0]), kind="update").tolist() == pytest.approx([0.6, 0.8])
     assert Clip(1.0)(torch.tensor([3.0, 0.5]), kind="activations").tolist() == pytest.approx([1.0, 0.5])
+    assert Clip(1.0)(torch.zeros(0, 4), kind="activations").shape == (0, 4)  # an empty batch passes
 
 
 @pytest.mark.parametrize("name", list(TRANSFORMS))
