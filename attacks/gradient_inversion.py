@@ -5,7 +5,8 @@ chose; it reads a client's update from the Wire and optimizes dummy inputs until
 match it. On the split side, a party that knows the other's part (``known_part=``, stated in the
 threat model) matches the cut-layer gradient it received. The three attacks are one engine
 (:mod:`attacks.gradient_matching`) with the settings of their papers; restarts run as rows of one
-batched optimization.
+batched optimization; how the labels are obtained is :mod:`attacks.gradient_labels` (``idlg_label``
+and ``LABEL_STRATEGIES`` are importable from here too).
 """
 from __future__ import annotations
 
@@ -18,22 +19,11 @@ from attacks.base import (Attack, AttackResult, check_generator, describe, expec
                           non_negative_int, positive, positive_int, read, select, steps_for)
 from attacks.adaptive import (INTERVAL_DISTANCES, Interval, average_repeats, check_adaptive, preimage_bounds,
                               update_interval)
-from attacks.gradient_matching import (DISTANCES, WEIGHTS_THREAT, Update, check_model, input_gradient, last_layer,
-                                       optimize, parameter_gradients, read_updates, tv_l1, weights_source)
+from attacks.gradient_labels import LABEL_STRATEGIES, check_strategy, idlg_label, known_labels  # noqa: F401
+from attacks.gradient_matching import (DISTANCES, WEIGHTS_THREAT, check_model, input_gradient, optimize,
+                                       parameter_gradients, read_updates, tv_l1, weights_source)
 from toolkit.validate import labels as check_labels
 from toolkit.wire import Transfer
-
-LABEL_STRATEGIES = ("joint", "idlg", "counts", "auto")
-
-
-def idlg_label(gradient: dict[str, Tensor]) -> int:
-    """The label of a single sample from the last layer's gradient (Zhao et al., iDLG, 2020): for
-    cross-entropy the bias gradient p - onehot(y) is negative only at the true class; without a
-    bias, the weight row of the true class sums negative when the penultimate activations are
-    non-negative (sigmoid, ReLU)."""
-    weight, bias = last_layer(gradient)
-    return int(gradient[bias].argmin()) if bias is not None else int(gradient[weight].sum(dim=1).argmin())
-
 
 class GradientInversion(Attack):
     """Recover a private batch from a gradient it produced, by gradient matching.
@@ -114,14 +104,7 @@ class GradientInversion(Attack):
         self.threat_model = self._threat()
         self.input_shape = tuple(positive_int("input_shape entries", int(s)) for s in input_shape)
         self.batch_size = positive_int("batch_size", batch_size)
-        if isinstance(labels, str) and labels not in LABEL_STRATEGIES:
-            raise ValueError(f"labels must be one of {LABEL_STRATEGIES} or a tensor, got {labels!r}")
-        if isinstance(labels, str) and labels == "idlg" and self.batch_size != 1:
-            raise ValueError(f"iDLG reads the label of a single sample; batch_size is {self.batch_size}: "
-                             f"use labels='counts' or 'joint'")
-        if isinstance(labels, str) and labels in ("idlg", "counts") and self.wrt == "input":
-            raise ValueError(f"labels={labels!r} reads a federated update's last layer; on the split side "
-                             f"(wrt='input') the labels are 'joint' (recovered) or a tensor (known)")
+        check_strategy(labels, batch_size=self.batch_size, wrt=self.wrt)
         if distance not in DISTANCES:
             raise ValueError(f"unknown distance {distance!r}; choose one of {sorted(DISTANCES)}")
         self.distance = distance
@@ -245,7 +228,9 @@ class GradientInversion(Attack):
             target = tuple((u.delta if self.local_steps > 1 else u.gradient).values())
             if self.defense is not None:
                 target = update_interval(self.defense, u, name, self.client_lr, self.local_steps)
-            out.append((target, u.weights, None, self._known_labels(u, self.batch_size, generator)))
+            labels = known_labels(self.labels, u, self._model, batch_size=self.batch_size, local_steps=self.local_steps,
+                                  input_shape=self.input_shape, generator=generator)
+            out.append((target, u.weights, None, labels))
         return out
 
     def _cut_layer_problems(self, observed: Sequence[Transfer], name: str) -> list[tuple]:
@@ -272,23 +257,6 @@ class GradientInversion(Attack):
             out.append((target, weights, None if z is None else z.float(),
                         self.labels if isinstance(self.labels, Tensor) else None))
         return out
-
-    def _known_labels(self, update: Update, n: int, generator: torch.Generator | None) -> Tensor | None:
-        if isinstance(self.labels, Tensor):
-            return self.labels
-        strategy = self.labels
-        if strategy == "auto":  # counts assume one local step; after several, optimize the labels
-            strategy = "idlg" if n == 1 else "counts" if self.local_steps == 1 else "joint"
-        if strategy == "joint":
-            return None  # optimized with the input (DLG)
-        if strategy == "idlg":
-            return torch.tensor([idlg_label(update.gradient)])
-        from attacks.analytic import label_counts
-
-        gradient = update.gradient if self.local_steps == 1 else {k: v / self.local_steps for k, v in update.gradient.items()}
-        counts = label_counts(gradient, self._model, update.weights, batch_size=n, input_shape=self.input_shape,
-                              generator=generator)
-        return torch.repeat_interleave(torch.arange(len(counts)), counts)
 
     def _solve(self, target, weights, known_input, label, adam: int, lbfgs: int, polish: int,
                generator: torch.Generator, show_progress: bool):

@@ -24,6 +24,13 @@ import argparse
 import statistics
 import time
 
+import sys  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
+# benchmarks/defenses.py shares the package's name: keep this folder off sys.path, so that
+# ``import defenses`` finds the package when this script runs as ``python benchmarks/<name>.py``
+sys.path[:] = [p for p in sys.path if _Path(p or ".").resolve() != _Path(__file__).resolve().parent]
+
 import torch
 
 from defenses import DPFedAvg

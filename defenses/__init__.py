@@ -15,7 +15,7 @@ from defenses.activations import ACTIVATION_DEFENSES, Clip, CutDropout, Gaussian
 from defenses.dp import DPSGD, make_private
 from defenses.dp_federated import DPFedAvg
 from defenses.dp_local import GaussianMechanism
-from defenses.dp_split import DPParty, private_party
+from defenses.dp_split import DPClients, DPParty, private_clients, private_party
 from defenses.gradients import GRADIENT_DEFENSES, GradientNoise, GradientPruning, GradientQuantization
 from defenses.labels import IsotropicNoise, Marvell, MaxNorm
 from defenses.nopeek import NoPeek, NoPeekLoss
@@ -25,7 +25,7 @@ from defenses.splintering_split import SplinteredLayer, first_linear
 
 __all__ = [
     "ACTIVATION_DEFENSES", "Clip", "CutDropout", "GaussianNoise", "LaplaceNoise", "Quantize",
-    "DPSGD", "make_private", "DPParty", "private_party", "GaussianMechanism", "DPFedAvg",
+    "DPSGD", "make_private", "DPParty", "private_party", "DPClients", "private_clients", "GaussianMechanism", "DPFedAvg",
     "GRADIENT_DEFENSES", "GradientNoise", "GradientPruning", "GradientQuantization",
     "IsotropicNoise", "Marvell", "MaxNorm",
     "NoPeek", "NoPeekLoss",

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from toolkit import validate
-from defenses.transforms import KindTransform
+from defenses.transforms import KindTransform, clip_rows
 from toolkit.wire import straight_through
 
 __all__ = ["GaussianNoise", "LaplaceNoise", "CutDropout", "Quantize", "Clip", "ACTIVATION_DEFENSES"]
@@ -231,10 +231,13 @@ class Quantize(_OnKinds):
 
 class Clip(_OnKinds):
     """Scale each row to L2 norm at most ``max_norm`` (rows along dim 0: one sample's activations,
-    or one client's update in a stacked send; a 1-D tensor is one row). Rows already within the
-    bound are unchanged. Bounding each sample's norm is the clipping step of the Gaussian mechanism
-    (Abadi et al., "Deep learning with differential privacy", 2016), here on what crosses. Backward:
-    through the norm (exact; the scale is part of the graph).
+    or one client's update in a stacked send; a 1-D tensor is a batch of one-entry samples on the
+    ``"activations"`` and ``"gradients"`` kinds, one row on the others:
+    :func:`defenses.transforms.clip_rows`). Rows already within the bound are unchanged. Bounding
+    each sample's norm is the clipping step of the Gaussian mechanism (Abadi et al., "Deep learning
+    with differential privacy", 2016), here on what crosses; :class:`defenses.dp_local.
+    GaussianMechanism` adds the noise after the same clipping. Backward: through the norm (exact;
+    the scale is part of the graph).
 
     Args:
         max_norm: the bound (> 0).
@@ -249,13 +252,8 @@ class Clip(_OnKinds):
         self.max_norm = validate.positive("max_norm", max_norm)
         super().__init__(kinds)
 
-    def apply(self, t: Tensor) -> Tensor:
-        if t.dim() == 0:
-            raise ValueError("Clip needs rows to clip, got a 0-d tensor")
-        rows = t.reshape(1, -1) if t.dim() == 1 else t.flatten(1)
-        norms = rows.norm(dim=1).clamp(min=1e-12)
-        factor = (self.max_norm / norms).clamp(max=1.0)
-        return t * (factor if t.dim() == 1 else factor.view(-1, *([1] * (t.dim() - 1))))
+    def apply_on(self, t: Tensor, kind: str) -> Tensor:
+        return clip_rows(t, self.max_norm, kind=kind)
 
     def _args(self) -> str:
         return f"max_norm={self.max_norm}"

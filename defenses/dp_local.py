@@ -1,13 +1,15 @@
 """Local differential privacy on the Wire: the Gaussian mechanism with clipping, per row.
 
-Each row of what crosses (a sample's cut-layer activations, a client's model update) is clipped
-to L2 norm ``max_norm`` and gets Gaussian noise of standard deviation ``noise_multiplier *
-max_norm`` on every entry: one release of the Gaussian mechanism with L2 sensitivity ``max_norm``
-per row (Dwork & Roth, "The algorithmic foundations of differential privacy", 2014, Appendix A;
-the clipped local randomizer of DP split learning and LDP federated learning, e.g. Titcombe et
-al., "Practical defences against model inversion attacks for split neural networks", 2021). It
-runs as a wire transform on the sender's side, inside its autograd graph: the gradient that comes
-back flows through the clipping (the norm included) and the noise (an added constant).
+Each row of what crosses (a sample's cut-layer activations, a client's model update; rows and
+clipping as in :func:`defenses.transforms.clip_rows`, shared with
+:class:`~defenses.activations.Clip`) is clipped to L2 norm ``max_norm`` and gets Gaussian noise of
+standard deviation ``noise_multiplier * max_norm`` on every entry: one release of the Gaussian
+mechanism with L2 sensitivity ``max_norm`` per row (Dwork & Roth, "The algorithmic foundations of
+differential privacy", 2014, Appendix A; the clipped local randomizer of DP split learning and LDP
+federated learning, e.g. Titcombe et al., "Practical defences against model inversion attacks for
+split neural networks", 2021). It runs as a wire transform on the sender's side, inside its
+autograd graph: the gradient that comes back flows through the clipping (the norm included) and
+the noise (an added constant).
 
 Epsilon: the receiver sees every row it gets, so there is no amplification by sampling (sample
 rate 1.0). A sample's budget composes its own releases, one per pass in which its row crosses
@@ -38,12 +40,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from defenses.transforms import KindTransform, clip_rows, row_count
+from toolkit import validate
 from toolkit.accounting import PrivacyAccountant
 from toolkit.accounting import noise_multiplier as calibrate
-from toolkit import validate
-from toolkit.wire import Packet
 
-__all__ = ["GaussianMechanism", "clip_rows", "spent"]
+__all__ = ["GaussianMechanism", "spent"]
 
 
 def spent(accountant: PrivacyAccountant) -> dict[str, float]:
@@ -62,40 +64,34 @@ def spent(accountant: PrivacyAccountant) -> dict[str, float]:
     return out
 
 
-def clip_rows(t: Tensor, max_norm: float) -> Tensor:
-    """Scale each row (dim 0) of ``t`` to L2 norm at most ``max_norm``; differentiable."""
-    norms = t.reshape(len(t), -1).norm(dim=1)
-    scale = (max_norm / norms.clamp(min=1e-12)).clamp(max=1.0)  # (N,) 1 for rows already inside the ball
-    return t * scale.view(-1, *([1] * (t.dim() - 1)))
-
-
-class GaussianMechanism:
+class GaussianMechanism(KindTransform):
     """Clip each row to ``max_norm`` and add N(0, (noise_multiplier * max_norm)^2) per entry.
 
     Args:
         max_norm: the L2 bound of a row (the mechanism's sensitivity).
         noise_multiplier: noise std over ``max_norm`` (0: clipping only, epsilon inf).
         generator: draws the noise (same seed, same numbers).
-        kinds: the wire kinds it acts on, e.g. ``("activations",)`` or ``("update",)``.
+        kinds: the wire kinds it acts on, e.g. ``"activations"`` or ``("update",)``.
         delta: the delta epsilon is reported at.
         population: distinct rows that cross, each once per pass (split: ``n_train``, plus
             ``n_test`` when every epoch evaluates; federated: the number of clients), or None.
 
-    A wire transform ``t(tensor, *, kind)``; it ignores other kinds. A compressed update (a
-    Packet) is refused: put the mechanism on the dense update (no compressor).
+    A :class:`~defenses.transforms.KindTransform`: it passes other kinds through and refuses a
+    compressed update (a Packet: put the mechanism on the dense update, no compressor). Its rows
+    and its clipping are :func:`defenses.transforms.clip_rows`, the same as
+    :class:`~defenses.activations.Clip`: a 1-D ``"activations"`` tensor is that many samples, a
+    1-D ``"update"`` one client's.
     """
 
     def __init__(self, max_norm: float, noise_multiplier: float, *, generator: torch.Generator,
-                 kinds: Sequence[str] = ("activations",), delta: float = 1e-5, population: int | None = None):
+                 kinds: str | Sequence[str] = ("activations",), delta: float = 1e-5, population: int | None = None):
         self.max_norm = validate.positive("max_norm", max_norm)
         self.noise_multiplier = validate.non_negative("noise_multiplier", noise_multiplier)
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"the Gaussian mechanism draws noise: generator must be a torch.Generator, "
                             f"got {type(generator).__name__}")
         self.generator = generator
-        if isinstance(kinds, str) or not kinds or not all(isinstance(k, str) and k for k in kinds):
-            raise ValueError(f"kinds must be a non-empty sequence of wire kinds, e.g. ('activations',), got {kinds!r}")
-        self.kinds = tuple(kinds)
+        super().__init__(kinds)
         self.delta = validate.fraction("delta", delta, zero=False, one=False)
         self.population = None if population is None else validate.positive_int("population", population)
         self.sends = 0   # sends it transformed
@@ -103,28 +99,20 @@ class GaussianMechanism:
 
     @classmethod
     def for_budget(cls, *, epsilon: float, delta: float, releases: int, max_norm: float,
-                   generator: torch.Generator, kinds: Sequence[str] = ("activations",),
+                   generator: torch.Generator, kinds: str | Sequence[str] = ("activations",),
                    population: int | None = None, accountant: str = "rdp") -> GaussianMechanism:
         """The mechanism whose noise spends ``epsilon`` at ``delta`` per row over ``releases``
         releases of that row (sample rate 1.0); ValueError when no noise reaches it."""
         z = calibrate(target_epsilon=epsilon, delta=delta, sample_rate=1.0, steps=releases, accountant=accountant)
         return cls(max_norm, z, generator=generator, kinds=kinds, delta=delta, population=population)
 
-    def __call__(self, t, *, kind: str):
-        if kind not in self.kinds:
-            return t
-        if isinstance(t, Packet):
-            raise TypeError(f"the Gaussian mechanism clips rows of a dense tensor, but this {kind!r} is a "
-                            f"{type(t).__name__}: apply it without a compressor")
-        if not isinstance(t, Tensor) or t.dim() < 1 or not t.is_floating_point():
-            raise ValueError(f"the Gaussian mechanism needs a float tensor with one row per sample or client, "
-                             f"got {t!r:.60}")
-        out = clip_rows(t, self.max_norm)
+    def apply_on(self, t: Tensor, kind: str) -> Tensor:
+        out = clip_rows(t, self.max_norm, kind=kind)
         if self.noise_multiplier > 0:
-            noise = torch.randn(t.shape, generator=self.generator, dtype=t.dtype)
+            noise = torch.randn(t.shape, generator=self.generator, dtype=t.dtype, device=t.device)
             out = out + noise * (self.noise_multiplier * self.max_norm)
         self.sends += 1
-        self.rows += len(t)
+        self.rows += row_count(t, kind)
         return out
 
     @property

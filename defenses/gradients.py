@@ -46,7 +46,7 @@ KINDS = ("update", "gradients")
 
 
 class _RowTransform(KindTransform):
-    """Applies ``self._rows(v (K, P)) -> (K, P)`` row by row (a 1-D tensor is one row)."""
+    """Applies ``self._rows(v (K, P)) -> (K, P)`` row by row (a 1-D tensor is one row: an update, or the values of a top-k SparsePacket)."""
 
     on_sparse_values = True
 

@@ -160,7 +160,12 @@ def test_clip_bounds_every_row_and_keeps_short_rows_and_directions():
     assert after[~short] == pytest.approx(torch.full((int((~short).sum()),), 2.0), abs=1e-5)
     cos = nn.functional.cosine_similarity(out.flatten(1), z.flatten(1))
     assert cos.min().item() == pytest.approx(1.0, abs=1e-6)
-    assert Clip(1.0)(torch.tensor([3.0, 4.0]), kind="activations").tolist() == pytest.approx([0.6, 0.8])
+    # A 1-D tensor: one party's row on "update", a batch of one-entry samples on "activations" (dim 0 is
+    # the batch of what the split engine sends; it was one row before Clip and the Gaussian mechanism
+    # shared defenses.transforms.clip_rows)
+    assert Clip(1.0, kinds="update")(torch.tensor([3.0, 4.0]), kind="update").tolist() == pytest.approx([0.6, 0.8])
+    assert Clip(1.0)(torch.tensor([3.0, 0.5]), kind="activations").tolist() == pytest.approx([1.0, 0.5])
+    assert Clip(1.0)(torch.zeros(0, 4), kind="activations").shape == (0, 4)  # an empty batch passes
 
 
 @pytest.mark.parametrize("name", list(TRANSFORMS))

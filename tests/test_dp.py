@@ -14,7 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from toolkit.accounting import epsilon as accounted
 from defenses.dp import make_private
-from defenses.dp_local import GaussianMechanism, clip_rows
+from defenses.activations import Clip
+from defenses.dp_local import GaussianMechanism
+from defenses.transforms import clip_rows
 from defenses.dp_split import private_party
 from toolkit import models
 from toolkit.federated import FedConfig, FederatedAveraging
@@ -300,7 +302,7 @@ def test_gradient_flows_through_the_clip_and_the_noise_like_autograd_on_the_same
             u = row / n
             expected[i] = (vi - u * (u @ vi)) / n
     torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5)
-    (plain,) = torch.autograd.grad(clip_rows(x, 1.0), x, v)  # the noise adds a constant: same gradient
+    (plain,) = torch.autograd.grad(clip_rows(x, 1.0, kind="activations"), x, v)  # the noise adds a constant: same gradient
     torch.testing.assert_close(grad, plain)
 
 
@@ -358,7 +360,8 @@ def test_mechanism_from_a_budget_spends_it():
     (lambda g: GaussianMechanism(1.0, -1.0, generator=g), ValueError, "noise_multiplier"),
     (lambda g: GaussianMechanism(0.0, 1.0, generator=g), ValueError, "max_norm"),
     (lambda g: GaussianMechanism(1.0, 1.0, generator=None), TypeError, "generator"),
-    (lambda g: GaussianMechanism(1.0, 1.0, generator=g, kinds="update"), ValueError, "kinds"),
+    (lambda g: GaussianMechanism(1.0, 1.0, generator=g, kinds=""), ValueError, "kinds"),
+    (lambda g: GaussianMechanism(1.0, 1.0, generator=g, kinds=[]), ValueError, "kinds"),
     (lambda g: GaussianMechanism(1.0, 1.0, generator=g, population=0), ValueError, "population"),
 ])
 def test_mechanism_refuses_bad_settings(build, error, match):
@@ -373,7 +376,10 @@ def test_prv_that_cannot_compute_a_tiny_noise_budget_reports_nan_and_rdp_still_b
     assert math.isnan(report["epsilon_prv"]) and 1000 < report["epsilon_rdp"] < math.inf
 
 
-def test_mechanism_refuses_a_compressed_packet_and_passes_other_kinds():
+def test_mechanism_refuses_a_compressed_packet_and_integer_tensors_and_passes_other_kinds():
+    """The shared Wire-transform base's checks (defenses.transforms.KindTransform): a Packet or an
+    integer tensor on a kind it acts on is refused (ValueError, the project's bad-input error; it
+    was a TypeError of the mechanism's own before the base), other kinds pass, nothing is counted."""
     from dataclasses import dataclass
 
     from toolkit.wire import Packet
@@ -383,10 +389,42 @@ def test_mechanism_refuses_a_compressed_packet_and_passes_other_kinds():
         values: torch.Tensor
 
     mech = GaussianMechanism(1.0, 1.0, generator=torch.Generator(), kinds=("update",))
-    with pytest.raises(TypeError, match="without a compressor"):
+    with pytest.raises(ValueError, match="drop the compressor"):
         mech(Sparse(torch.ones(2, 3)), kind="update")
+    with pytest.raises(ValueError, match="floating-point"):
+        mech(torch.ones(2, 3, dtype=torch.int64), kind="update")
+    with pytest.raises(ValueError, match="0-d"):
+        mech(torch.tensor(2.0), kind="update")
     packet = Sparse(torch.ones(2, 3))
-    assert mech(packet, kind="weights") is packet and mech.sends == 0
+    assert mech(packet, kind="weights") is packet and mech.sends == 0 and mech.rows == 0
+
+
+def test_a_kind_given_as_one_string_is_one_kind():
+    """As for every Wire-transform defense (the base's check_kinds): "update" is the kind, not its letters."""
+    mech = GaussianMechanism(1.0, 0.0, generator=torch.Generator(), kinds="update")
+    assert mech.kinds == ("update",)
+    t = torch.full((2, 4), 3.0)
+    assert mech(t, kind="activations") is t and mech(t, kind="u") is t
+    assert mech(t, kind="update").norm(dim=1).tolist() == pytest.approx([1.0, 1.0])
+
+
+@pytest.mark.parametrize("shape", [(40, 3, 5), (40, 6), (40,), (7,)])
+@pytest.mark.parametrize("kind", ["activations", "gradients", "update", "weights"])
+def test_mechanism_clips_exactly_as_clip_and_counts_the_rows_it_clipped(shape, kind):
+    """One clipping for both: with noise 0 the mechanism's output is Clip's, bit for bit; with
+    noise it is Clip's plus the generator's draw. A 1-D tensor is that many samples on the
+    batch-first kinds (activations, gradients) and one party's row on the others."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4)) * 2
+    clip = Clip(1.0, kinds=kind)(x, kind=kind)
+    quiet = GaussianMechanism(1.0, 0.0, generator=torch.Generator(), kinds=kind)
+    assert torch.equal(quiet(x, kind=kind), clip)
+    one_row = len(shape) == 1 and kind in ("update", "weights")
+    assert quiet.rows == (1 if one_row else shape[0]) and quiet.sends == 1
+    norms = clip.reshape(1, -1).norm(dim=1) if one_row else clip.reshape(shape[0], -1).norm(dim=1)
+    assert (norms <= 1.0 + 1e-6).all() and (norms > 1.0 - 1e-6).any()
+    noisy = GaussianMechanism(1.0, 0.5, generator=torch.Generator().manual_seed(9), kinds=kind)
+    draw = torch.randn(shape, generator=torch.Generator().manual_seed(9)) * 0.5
+    assert torch.equal(noisy(x, kind=kind), clip + draw)
 
 
 def test_wrap_optimizer_keeps_the_state_and_wraps_a_rebuilt_optimizer_too():

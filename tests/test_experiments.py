@@ -80,6 +80,60 @@ def test_a_split_trial_measures_what_the_server_received():
     assert again["accuracy"] == plain["accuracy"] and again["dcor"] == plain["dcor"]  # same seed, same numbers
 
 
+def test_dcor_unbiased_is_the_bias_corrected_statistic_on_the_same_tensors():
+    """Every row reports dcor_unbiased = sqrt(max(u_distance_correlation_sqr, 0)) on exactly the
+    tensors dcor is computed on: the first n_eval test inputs and what the server received for them."""
+    import math
+
+    from toolkit import dependence
+    from toolkit.split import SplitConfig, SplitNN
+    from toolkit.wire import Wire
+
+    exp = SplitExperiment.smoke()
+    row = exp.run(None, seed=0)
+    ds = exp.load()
+    client, server = exp.parts(0)  # the same run, by hand: same seed, same numbers
+    sl = SplitNN.vanilla(client, server, ds, config=SplitConfig(batch_size=exp.batch_size, lr=exp.lr, seed=0),
+                         wire=Wire())
+    sl.fit(epochs=exp.epochs)
+    sl.evaluate()
+    z = torch.cat([t.tensor.flatten(1) for t in sl.wire.observed(by="server", kind="activations", phase="eval")])
+    x, z = ds.x_test[: exp.n_eval], z[: exp.n_eval]
+    assert row["dcor"] == float(dependence.distance_correlation(x, z))
+    assert row["dcor_unbiased"] == math.sqrt(max(float(dependence.u_distance_correlation_sqr(x, z)), 0.0))
+    assert 0 < row["dcor_unbiased"] < row["dcor"]  # dependent data, biased-upward V-statistic
+    scaled = exp.run(Scale(0.0), seed=0)  # zeros: no dependence measurable, both 0
+    assert scaled["dcor_unbiased"] == 0.0 == scaled["dcor"]
+    diverged = exp.run(Scale(float("inf")), seed=0)
+    assert math.isnan(diverged["dcor_unbiased"]) and math.isnan(diverged["dcor"])
+
+
+def test_training_transcript_and_optimizer_settings():
+    """record_training=False keeps only the evaluation traffic (and still scores it); optimizer= is
+    both parties' optimizer."""
+    from dataclasses import replace
+
+    seen = {}
+
+    def attack(sl, ds, generator):
+        seen["phases"] = {t.phase for t in sl.wire.observed()}
+        seen["optimizers"] = {type(p.optimizer).__name__ for p in sl.parties}
+        return {}
+
+    exp = replace(SplitExperiment.smoke(), record_training=False, optimizer="adam", lr=1e-2)
+    row = exp.run(None, seed=0, attack=attack)
+    assert seen["phases"] == {"eval"} and 0.5 < row["dcor"] <= 1.0 and row["accuracy"] > 0.5
+    assert seen["optimizers"] == {"Adam"}
+    full = []
+    SplitExperiment.smoke().run(None, seed=0,
+                                attack=lambda sl, ds, g: full.append({t.phase for t in sl.wire.observed()}) or {})
+    assert full == [{"train", "eval"}]
+    with pytest.raises(ValueError, match="optimizer"):
+        SplitExperiment(optimizer="lion")
+    with pytest.raises(ValueError, match="record_training"):
+        SplitExperiment(record_training=1)
+
+
 def test_a_split_sweep_passes_each_value_and_a_seeded_generator_to_the_defense():
     got = []
 

@@ -108,9 +108,11 @@ class SplitExperiment:
     defended: str = "client"         # the party a defense's Hook is registered for
     epochs: int = 3                  # training epochs per run
     batch_size: int = 64             # samples per step
-    lr: float = 0.1                  # SGD learning rate of both parties
-    momentum: float = 0.0            # SGD momentum
+    lr: float = 0.1                  # learning rate of both parties
+    momentum: float = 0.0            # SGD momentum (ignored by other optimizers)
+    optimizer: str = "sgd"           # both parties' optimizer, a toolkit.parties.OPTIMIZERS name
     n_eval: int = 1000               # test samples the distance correlation is computed on
+    record_training: bool = True     # keep the training transcript (False: evaluation only, less memory)
 
     def __post_init__(self) -> None:
         validate.positive_int("epochs", self.epochs)
@@ -121,7 +123,8 @@ class SplitExperiment:
             raise ValueError(f"labels must be held by 'client' or 'server', got {self.labels!r}")
         if self.model not in models.MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(models.MODELS)}")
-        SplitConfig(batch_size=self.batch_size, lr=self.lr, momentum=self.momentum)  # checks them
+        validate.boolean("record_training", self.record_training)
+        self._config(0)  # checks batch_size, lr, momentum, optimizer
 
     @classmethod
     def smoke(cls) -> SplitExperiment:
@@ -135,6 +138,10 @@ class SplitExperiment:
         present), a LeNet cut after its first convolution block: the NoPeek / He et al. setting."""
         return cls(dataset="mnist", root=root, model="lenet", model_options={"image_size": 28},
                    cut="pool1", epochs=3, lr=0.05, momentum=0.9)
+
+    def _config(self, seed: int) -> SplitConfig:
+        return SplitConfig(batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, optimizer=self.optimizer,
+                           seed=seed, record=self.record_training)
 
     def load(self) -> datasets.Dataset:
         ds = datasets.load(self.dataset, root=self.root)
@@ -150,22 +157,25 @@ class SplitExperiment:
         """Train with ``defense`` (what a defense factory returns) and score it.
 
         Returns accuracy and loss on the test set, ``dcor`` between the first ``n_eval`` test inputs
-        and the activations the server received for them, ``bytes`` on the wire, whatever the
+        and the activations the server received for them, ``dcor_unbiased`` (the bias-corrected
+        one, ``sqrt(max(u_distance_correlation_sqr, 0))``: near 0 for independent data even in high
+        dimension, where the plain V-statistic is biased upward), ``bytes`` on the wire, whatever the
         defense reports (``report()``, e.g. epsilon), the attack's metrics, and
-        ``train_seconds`` / ``attack_seconds``. A run whose activations diverged has ``dcor`` NaN.
+        ``train_seconds`` / ``attack_seconds``. A run whose activations diverged has both NaN.
         """
         ds = data if data is not None else self.load()
         hooks, transforms = _split_defense(defense)
         client, server = self.parts(seed)
-        config = SplitConfig(batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, seed=seed)
-        sl = SplitNN.vanilla(client, server, ds, labels=self.labels, config=config,
-                             wire=Wire(transforms=transforms), hooks={self.defended: hooks[0]} if hooks else None)
+        wire = Wire(transforms=transforms, record=self.record_training)
+        sl = SplitNN.vanilla(client, server, ds, labels=self.labels, config=self._config(seed), wire=wire,
+                             hooks={self.defended: hooks[0]} if hooks else None)
         start = time.perf_counter()
         sl.fit(epochs=self.epochs)
         train_seconds = time.perf_counter() - start
+        sl.wire.recording = True  # what the server receives at evaluation is always kept: it is scored
         scores = sl.evaluate()
-        row: dict[str, Any] = {"accuracy": scores["accuracy"], "loss": scores["loss"],
-                               "dcor": self._dcor(sl, ds), "bytes": sl.wire.total_bytes}
+        row: dict[str, Any] = {"accuracy": scores["accuracy"], "loss": scores["loss"], **self._dcor(sl, ds),
+                               "bytes": sl.wire.total_bytes}
         for part in [*hooks, *transforms]:
             report = getattr(part, "report", None)
             if callable(report):
@@ -178,13 +188,16 @@ class SplitExperiment:
         row["seconds"] = train_seconds + row.get("attack_seconds", 0.0)
         return row
 
-    def _dcor(self, sl: SplitNN, ds: datasets.Dataset) -> float:
-        """dCor(test inputs, what the server received for them at evaluation), on ``n_eval`` samples."""
+    def _dcor(self, sl: SplitNN, ds: datasets.Dataset) -> dict[str, float]:
+        """dCor(test inputs, what the server received for them at evaluation), plain and
+        bias-corrected, on ``n_eval`` samples (the bias-corrected one needs at least 4)."""
         seen = sl.wire.observed(by="server", kind="activations", phase="eval")
         z: Tensor = torch.cat([t.tensor.flatten(1) for t in seen])[: self.n_eval]  # evaluation is in order
         if not bool(torch.isfinite(z).all()):
-            return math.nan  # training diverged (e.g. too strong a defense): its row says so
-        return float(metrics.distance_correlation(ds.x_test[: len(z)], z))
+            return {"dcor": math.nan, "dcor_unbiased": math.nan}  # diverged (e.g. too strong a defense)
+        x = ds.x_test[: len(z)]
+        unbiased = math.sqrt(max(float(metrics.u_distance_correlation_sqr(x, z)), 0.0)) if len(z) >= 4 else math.nan
+        return {"dcor": float(metrics.distance_correlation(x, z)), "dcor_unbiased": unbiased}
 
     def sweep(self, defense: Defense, values: Sequence[Any], *, attack: AttackFn | None = None,
               parameter: str = "value", seeds: Sequence[int] = (0,), show_progress: bool = False) -> pd.DataFrame:

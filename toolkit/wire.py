@@ -10,8 +10,9 @@ A vectorized simulation sends many parties' tensors in one call: pass a tuple of
 and records that as ``len(names)`` transfers without a Python loop per party. ``broadcast``
 sends one tensor to many receivers (each gets all of it and is counted for all of it).
 
-What crosses is a tensor or a :class:`Packet`: several tensors that travel as one message (a
-compressed update: indices and values), counted byte for byte.
+What crosses is a tensor or a :class:`~toolkit.messages.Packet`: several tensors that travel as
+one message (a compressed update: indices and values), counted byte for byte. The message and
+transcript types live in :mod:`toolkit.messages` and are importable from here too.
 
 Transforms run on the sender's side before anything is counted: ``transmit`` returns the
 transformed tensor inside the sender's autograd graph as well as what is delivered, so a
@@ -21,110 +22,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
-from typing import Any, Protocol, Union
+from dataclasses import fields
+from typing import Any, Protocol
 
 import pandas as pd
 import torch  # noqa: F401  (the docstring examples use it)
 from torch import Tensor
 
-Names = Union[str, tuple[str, ...]]
+from toolkit.messages import Names, Packet, Payload, Record, Transfer  # noqa: F401  (Transfer: re-exported)
+
 Transform = Callable[..., Any]  # transform(tensor, *, kind) -> tensor; ignores kinds it does not handle
 # A transform runs on the sender's side, inside its autograd graph: whatever it does (scale, mask,
 # clip, reshape) is differentiated on the way back. One with no useful gradient says in its
 # docstring what it does backward (e.g. straight-through, see straight_through).
-
-
-class Packet:
-    """Several tensors that cross the wire together as one message, e.g. a sparse update.
-
-    Subclasses are dataclasses. Tensor fields are what travels (and is counted: ``nbytes``);
-    other fields are metadata both sides already know (shapes, settings). In a stacked send
-    every tensor field has one row per party.
-    """
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)  # type: ignore[arg-type]
-                if isinstance(getattr(self, f.name), Tensor)}
-
-    def map(self, fn: Callable[[Tensor], Tensor]) -> Packet:
-        """The same packet with ``fn`` applied to every tensor field."""
-        return replace(self, **{k: fn(v) for k, v in self.tensors().items()})  # type: ignore[type-var]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors().values())
-
-    def __len__(self) -> int:
-        return len(next(iter(self.tensors().values())))
-
-    def __getitem__(self, i) -> Packet:
-        return self.map(lambda t: t[i])
-
-    def detach(self) -> Packet:
-        return self.map(Tensor.detach)
-
-    def clone(self) -> Packet:
-        return self.map(Tensor.clone)
-
-    def describe(self) -> str:
-        parts = ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
-                          for k, v in self.tensors().items())
-        return f"{type(self).__name__}({parts})"
-
-
-Payload = Union[Tensor, Packet]
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class Transfer:
-    """One tensor that crossed the wire, as its receiver got it (after the wire's transforms)."""
-
-    step: int       # protocol step (batch or round) when it was sent
-    sender: str
-    receiver: str
-    kind: str       # "activations", "gradients", "labels", "weights", "update", ...
-    tensor: Payload  # detached copy of what crossed (a tensor, or a Packet of tensors)
-    phase: str = "train"  # "train" or "eval"
-
-    @property
-    def nbytes(self) -> int:
-        return self.tensor.nbytes
-
-    def __repr__(self) -> str:
-        if isinstance(self.tensor, Packet):
-            what = self.tensor.describe()
-        else:
-            what = f"{tuple(self.tensor.shape)} {str(self.tensor.dtype).removeprefix('torch.')}"
-        return (f"Transfer(step={self.step}, {self.sender} -> {self.receiver}, {self.kind} "
-                f"{what}, {self.nbytes:,} B{', ' + self.phase if self.phase != 'train' else ''})")
-
-
-@dataclass(frozen=True, slots=True)
-class _Record:
-    """A transcript entry; ``sender``/``receiver`` may be tuples for a stacked send."""
-
-    step: int
-    sender: Names
-    receiver: Names
-    kind: str
-    tensor: Payload
-    phase: str
-    broadcast: bool = False  # one tensor, every receiver got all of it
-
-    def expand(self) -> Iterator[Transfer]:
-        if isinstance(self.sender, str) and isinstance(self.receiver, str):
-            yield Transfer(self.step, self.sender, self.receiver, self.kind, self.tensor, self.phase)
-            return
-        if self.broadcast:
-            for r in self.receiver:
-                yield Transfer(self.step, self.sender, r, self.kind, self.tensor, self.phase)  # type: ignore[arg-type]
-            return
-        n = len(self.tensor)
-        senders = (self.sender,) * n if isinstance(self.sender, str) else self.sender
-        receivers = (self.receiver,) * n if isinstance(self.receiver, str) else self.receiver
-        for i, (s, r) in enumerate(zip(senders, receivers)):
-            yield Transfer(self.step, s, r, self.kind, self.tensor[i], self.phase)
 
 
 def straight_through(forward: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
@@ -193,7 +103,7 @@ class Wire:
         self.step = 0
         self.phase = "train"
         self.total_bytes = 0
-        self._records: list[_Record] = []
+        self._records: list[Record] = []
         self._ledger: dict[tuple[Names, Names, str], list[int]] = {}  # key -> [rows, bytes]
 
     # -- sending -------------------------------------------------------------------------
@@ -234,10 +144,10 @@ class Wire:
             if (isinstance(tensor, Tensor) and isinstance(sender, str) and type(receiver) is tuple
                     and len(tensor) > 1 and tensor.stride(0) == 0):
                 # one row expanded to every receiver (transforms left it alone): record it once
-                record = _Record(self.step, sender, receiver, kind, tensor[0].detach().clone(), self.phase,
+                record = Record(self.step, sender, receiver, kind, tensor[0].detach().clone(), self.phase,
                                  broadcast=True)
             else:
-                record = _Record(self.step, sender, receiver, kind, tensor.detach().clone(), self.phase)
+                record = Record(self.step, sender, receiver, kind, tensor.detach().clone(), self.phase)
             self._records.append(record)
         return tensor, self.transport.deliver(tensor, sender=sender, receiver=receiver, kind=kind)
 
@@ -255,7 +165,7 @@ class Wire:
         entry[1] += nbytes * len(receivers)
         self.total_bytes += nbytes * len(receivers)
         if self.recording:
-            self._records.append(_Record(self.step, sender, receivers, kind, tensor.detach().clone(),
+            self._records.append(Record(self.step, sender, receivers, kind, tensor.detach().clone(),
                                          self.phase, broadcast=True))
         return self.transport.deliver(tensor, sender=sender, receiver=receivers, kind=kind)
 
@@ -386,7 +296,7 @@ class Wire:
             if not ok:
                 raise ValueError(f"wire state: record {i} is not (step, sender, receiver, kind, tensor or Packet, "
                                  f"phase, broadcast)")
-            records.append(_Record(r[0], _as_names(r[1]), _as_names(r[2]), *r[3:]))
+            records.append(Record(r[0], _as_names(r[1]), _as_names(r[2]), *r[3:]))
         self.step, self.phase, self.total_bytes = state["step"], state["phase"], state["total_bytes"]
         self._ledger, self._records = ledger, records
 
