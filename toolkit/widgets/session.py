@@ -37,7 +37,7 @@ from toolkit import data as datasets
 from toolkit import metrics, models, validate
 from toolkit.data.folders import _find
 from toolkit.experiments import SplitExperiment, _split_defense
-from toolkit.split import SplitConfig, SplitNN
+from toolkit.split import SplitNN
 from toolkit.wire import Transfer, Wire
 
 __all__ = ["DATASETS", "DefenseOption", "ExplorerSession", "Outcome", "Setting", "Target", "model_options",
@@ -297,7 +297,8 @@ class ExplorerSession:
         """The :class:`SplitExperiment` describing ``s``'s training (model, cut, epochs, optimizer)."""
         ds = self.dataset(s.dataset)
         return SplitExperiment(dataset=ds.name, model=s.model, model_options=model_options(s.model, ds), cut=s.cut,
-                               epochs=s.epochs, n_eval=self.n_eval, **TRAINING[s.model])
+                               epochs=s.epochs, n_eval=self.n_eval, record_training=False,  # only eval is read
+                               **TRAINING[s.model])
 
     def _train(self, s: Setting, stop: threading.Event | None, report) -> tuple[_Trained, bool]:
         key = s.training_key
@@ -310,8 +311,9 @@ class ExplorerSession:
         made = self.defenses[s.defense](float(s.strength), torch.Generator().manual_seed(s.seed))
         hooks, transforms = _split_defense(made)
         client, server = exp.parts(s.seed)
-        config = SplitConfig(batch_size=exp.batch_size, lr=exp.lr, momentum=exp.momentum, seed=s.seed)
-        sl = SplitNN.vanilla(client, server, ds, config=config, wire=Wire(transforms=transforms),
+        config = exp._config(s.seed)
+        wire = Wire(transforms=transforms, record=exp.record_training)
+        sl = SplitNN.vanilla(client, server, ds, config=config, wire=wire,
                              hooks={exp.defended: hooks[0]} if hooks else None)
         total = s.epochs * -(-sl.n_train // config.batch_size)
         self.trainings += 1
@@ -321,8 +323,9 @@ class ExplorerSession:
             report(done, total + 1, "training")
             if stop is not None and stop.is_set():
                 break
-        accuracy = sl.evaluate()["accuracy"]  # the eval activations cross the wire: dCor and the attack read them
-        dcor = exp._dcor(sl, ds)
+        sl.wire.recording = True  # the eval activations cross the wire: dCor and the attack read them
+        accuracy = sl.evaluate()["accuracy"]
+        dcor = exp._dcor(sl, ds)["dcor"]
         first = sl.wire.observed(by="server", kind="activations", phase="eval")[0]  # evaluation runs in order
         observed = [dataclasses.replace(first, tensor=first.tensor[: self.n_attack])]
         client.eval()
