@@ -1,12 +1,16 @@
 """What a user does in the browser, as Playwright steps: open a notebook in JupyterLab once its kernel is
 ready, Run All, move the explorer's cut-layer slider, click Run and read the reconstruction image's
 PNG bytes. Selectors follow the explorer's DOM contract (leaklab-* classes, docs in notes/contracts)."""
+from __future__ import annotations
+
 import base64
 import json
 import time
 import urllib.request
+from typing import TYPE_CHECKING
 
-from playwright.sync_api import Page, expect
+if TYPE_CHECKING:  # importable without playwright: its tests skip then (conftest), not fail to collect
+    from playwright.sync_api import Page
 
 KERNEL_READY_S = 120  # a cold kernel importing torch on 2 shared cores
 RUN_S = 180  # one explorer run: train, attack, draw (about 15 s on digits, more under a loaded suite)
@@ -70,6 +74,8 @@ def move_cut(page: Page) -> str:
 
 def run_and_read_image(page: Page, old: str | None = None) -> bytes:
     """Click Run and wait for a reconstruction image other than ``old`` (base64); returns its PNG bytes."""
+    from playwright.sync_api import expect
+
     run = page.locator(".leaklab-run")
     expect(run).to_be_enabled(timeout=RUN_S * 1000)
     run.click()
