@@ -32,3 +32,4 @@ __all__ = [
     "SplitGuard", "guarded_split_training",
     "Splinter", "inner_products", "outsource", "splintered", "span_attack", "SplinteredLayer", "first_linear",
 ]
+from defenses.explorer import EXPLORER_DEFENSES  # noqa: E402  (the leakage explorer's registry)
