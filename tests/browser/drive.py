@@ -73,7 +73,8 @@ def move_cut(page: Page) -> str:
 
 
 def run_and_read_image(page: Page, old: str | None = None) -> bytes:
-    """Click Run and wait for a reconstruction image other than ``old`` (base64); returns its PNG bytes."""
+    """Click Run, wait for a reconstruction image other than ``old`` (base64) and for Run to be enabled
+    again (the run is over); returns the image's PNG bytes."""
     from playwright.sync_api import expect
 
     run = page.locator(".leaklab-run")
@@ -84,6 +85,7 @@ def run_and_read_image(page: Page, old: str | None = None) -> bytes:
         assert time.monotonic() < deadline, f"no new reconstruction image {RUN_S} s after Run"
         page.wait_for_timeout(250)
     png = base64.b64decode(shown)
+    expect(run).to_be_enabled(timeout=RUN_S * 1000)  # the run finished: status and scores are final
     assert png[:8] == b"\x89PNG\r\n\x1a\n", "the reconstruction image is not a PNG"
     return png
 
