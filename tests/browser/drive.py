@@ -46,11 +46,26 @@ def open_notebook(page: Page, server, name: str) -> None:
         time.sleep(0.25)
 
 
+# Every code cell's prompt shows its execution count: Run All got to the end (it stops at an error).
+_ALL_RAN = """() => {
+  const prompts = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt')];
+  return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
+}"""
+TRACEBACK = "Traceback (most recent call last)"  # IPython's header of every error output
+
+
 def run_all(page: Page) -> None:
-    """Run > Run All Cells from the menu bar, as a user would; waits until no cell is queued."""
+    """Run > Run All Cells from the menu bar, as a user would; waits until every code cell ran and
+    the explorer shows."""
     page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
     page.locator(".lm-Menu-itemLabel").get_by_text("Run All Cells", exact=True).click()
     page.locator(".leaklab-explorer").first.wait_for(timeout=RUN_S * 1000)
+    page.wait_for_function(_ALL_RAN, timeout=RUN_S * 1000, polling=250)
+
+
+def errors(page: Page) -> list:
+    """The error outputs (tracebacks) the page shows, as text."""
+    return page.get_by_text(TRACEBACK).all_inner_texts()
 
 
 def cut_value(page: Page) -> str:

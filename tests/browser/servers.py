@@ -136,7 +136,8 @@ def voila(notebook: Path, home: Path):
     """Voila serving ``notebook`` as a web app (no code shown)."""
     port, token = free_port(), secrets.token_hex(16)
     cmd = [str(BIN / "voila"), str(notebook), f"--port={port}", "--no-browser", "--Voila.ip=127.0.0.1",
-           "--Voila.port_retries=0", f"--Voila.token={token}"]
+           "--Voila.port_retries=0", f"--Voila.token={token}",
+           "--show_tracebacks=True"]  # a failing cell shows its traceback, which the tests look for
     # Voila has no /api/status; its front-end bundle answers once the server does.
     with serve(cmd, home=home, cwd=notebook.parent, port=port, token=token,
                ready="/voila/static/voila.js") as server:

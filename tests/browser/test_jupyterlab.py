@@ -13,6 +13,7 @@ EXPLORER = "01_leakage_explorer.ipynb"
 def _round_trip(page, lab, name):
     drive.open_notebook(page, lab, name)
     drive.run_all(page)
+    assert drive.errors(page) == [], "a cell failed under Run All"
     first, second, cuts = drive.interact(page)
     assert first != second, f"the reconstruction image did not change from cut {cuts[0]} to {cuts[1]}"
     return cuts

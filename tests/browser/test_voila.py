@@ -27,6 +27,7 @@ def _round_trip(page, server, notebook):
     page.locator(".leaklab-explorer").first.wait_for(timeout=drive.RUN_S * 1000)
     shown = set(page.locator("body").inner_text().splitlines())
     assert not _code_lines(notebook) & {ln.strip() for ln in shown}, "the Voila app shows code"
+    assert drive.errors(page) == [], "a cell failed in the Voila app"
     first, second, cuts = drive.interact(page)
     assert first != second, f"the reconstruction image did not change from cut {cuts[0]} to {cuts[1]}"
     return cuts
