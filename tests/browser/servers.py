@@ -59,12 +59,19 @@ def _env(home: Path) -> dict:
     return env
 
 
-def _answers(url: str) -> bool:
+def status(url: str) -> int | None:
+    """The HTTP status ``url`` answers with (no redirects followed), None when nothing answers."""
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
     try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
+        with urllib.request.build_opener(NoRedirect).open(url, timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as err:
+        return err.code
     except (urllib.error.URLError, OSError):
-        return False
+        return None
 
 
 @contextmanager
@@ -79,7 +86,7 @@ def serve(cmd: list, *, home: Path, cwd: Path, port: int, token: str, ready: str
                                 start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
-        while not _answers(f"{url}{ready}?token={token}"):
+        while status(f"{url}{ready}?token={token}") != 200:
             if proc.poll() is not None:
                 raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
             if time.monotonic() > deadline:
@@ -123,7 +130,7 @@ def root_flags() -> list:
 def jupyter_lab(notebooks: Path, home: Path):
     """JupyterLab serving the folder ``notebooks`` (a temporary copy: outputs never reach the repo)."""
     port, token = free_port(), secrets.token_hex(16)
-    cmd = [str(BIN / "jupyter"), "lab", "--no-browser", f"--ServerApp.ip=127.0.0.1",
+    cmd = [str(BIN / "jupyter"), "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
            f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
            f"--ServerApp.root_dir={notebooks}", "--LabApp.news_url=None",
            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", *root_flags()]

@@ -5,7 +5,7 @@ The widgets demo (tests/browser/fixtures) carries the explorer's classes on plai
 fails the widget front end is broken, when only the explorer fails the explorer is."""
 import pytest
 
-from browser import drive
+from browser import drive, servers
 
 EXPLORER = "01_leakage_explorer.ipynb"
 
@@ -21,6 +21,7 @@ def _round_trip(page, lab, name):
 
 @pytest.mark.xdist_group("browser")  # one JupyterLab or Voila at a time on the worker that has chromium
 def test_widgets_demo_renders_and_answers_in_jupyterlab(page, lab, reports):
+    assert servers.status(f"{lab.url}/api/kernels") == 403, "JupyterLab answered without its token"
     cuts = _round_trip(page, lab, "widgets_demo.ipynb")
     # the kernel saw the slider's second position: the front end synced it before the click
     assert page.locator(".leaklab-status").inner_text().strip() == f"run 2 at {cuts[1]}"

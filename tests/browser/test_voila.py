@@ -36,6 +36,7 @@ def _round_trip(page, server, notebook):
 @pytest.mark.xdist_group("browser")
 @pytest.mark.parametrize("voila_app", ["widgets_demo.ipynb"], indirect=True)
 def test_widgets_demo_renders_and_answers_in_voila(page, voila_app, reports):
+    assert servers.status(f"{voila_app.url}/") in (302, 403), "Voila served the app without its token"
     cuts = _round_trip(page, voila_app, FIXTURE)
     assert page.locator(".leaklab-status").inner_text().strip() == f"run 2 at {cuts[1]}"
     page.screenshot(path=str(reports / "browser-voila-widgets-demo.png"), full_page=True)
