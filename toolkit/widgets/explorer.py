@@ -123,7 +123,7 @@ class LeakageExplorer:
 
     def _say(self, text: str, *, error: bool = False) -> None:
         colour = "#b00020" if error else "inherit"
-        self.status.value = f"<span style='color:{colour}'>{html.escape(text)}</span>"
+        self.status.value = f"<span style='color:{colour}'>{html.escape(text, quote=False)}</span>"
 
     def _on_dataset(self, change) -> None:
         try:
@@ -149,6 +149,8 @@ class LeakageExplorer:
         self.cut.value = value
         if wanted not in (None, "-", value):
             self._say(f"{self.model.value} has no layer {wanted!r} to cut after: the cut moved to {value!r}.")
+        else:
+            self._say(f"Ready: {self.dataset.value}, {self.model.value} cut after {value}. Press Run.")
 
     def _set_strength_range(self, value: float | None) -> None:
         option = self.session.defenses[self.defense.value]
@@ -252,14 +254,14 @@ class LeakageExplorer:
         display(Image(self.reconstruction.value), Image(self.attribution.value), HTML(self.scores.value))
 
     def plot(self, which: str = "reconstruction"):
-        """The last run's ``"reconstruction"`` or ``"attribution"`` figure as (fig, ax) (a matplotlib
-        Figure, shown as a PNG in a notebook)."""
-        if self.outcome is None:
-            raise ValueError("nothing to plot yet: run a setting first (press Run, or call run())")
+        """The last run's ``"reconstruction"`` or ``"attribution"`` figure as (fig, ax): a pyplot figure
+        (a notebook shows it as a PNG), after running the current setting if nothing ran yet."""
         makers = {"reconstruction": figures.reconstruction_figure, "attribution": figures.attribution_figure}
         if which not in makers:
             raise ValueError(f"which must be one of {sorted(makers)}, got {which!r}")
-        fig = makers[which](self.outcome)
+        if self.outcome is None and self.run() is None:
+            raise ValueError(f"nothing to plot: the current setting does not run ({self.status.value})")
+        fig = makers[which](self.outcome, pyplot=True)
         return fig, fig.axes[0]
 
     def __repr__(self) -> str:
