@@ -19,6 +19,7 @@ def _round_trip(page, lab, name):
     return cuts
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("browser")  # one JupyterLab or Voila at a time on the worker that has chromium
 def test_widgets_demo_renders_and_answers_in_jupyterlab(page, lab, reports):
     assert servers.status(f"{lab.url}/api/kernels") == 403, "JupyterLab answered without its token"
@@ -29,6 +30,7 @@ def test_widgets_demo_renders_and_answers_in_jupyterlab(page, lab, reports):
     page.screenshot(path=str(reports / "browser-jupyterlab-widgets-demo.png"))
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("browser")
 def test_explorer_runs_and_redraws_in_jupyterlab(page, lab, reports):
     _round_trip(page, lab, EXPLORER)

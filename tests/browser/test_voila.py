@@ -33,6 +33,7 @@ def _round_trip(page, server, notebook):
     return cuts
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("browser")
 @pytest.mark.parametrize("voila_app", ["widgets_demo.ipynb"], indirect=True)
 def test_widgets_demo_renders_and_answers_in_voila(page, voila_app, reports):
@@ -42,6 +43,7 @@ def test_widgets_demo_renders_and_answers_in_voila(page, voila_app, reports):
     page.screenshot(path=str(reports / "browser-voila-widgets-demo.png"), full_page=True)
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("browser")
 @pytest.mark.parametrize("voila_app", [EXPLORER], indirect=True)
 def test_explorer_runs_and_redraws_in_voila(page, voila_app, reports):
