@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from browser import servers
+import browser_servers
 
 CHROMIUM = Path(os.environ.get("LEAKLAB_CHROMIUM", "/usr/bin/chromium"))
-REPORTS = servers.ROOT / "reports"
+REPORTS = browser_servers.ROOT / "reports"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # The network is closed here: without these chromium floods refused connections (updates, sync, QUIC).
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -46,7 +46,8 @@ def page(chromium):
 def notebooks_copy(tmp_path):
     """The repo's notebooks and the browser fixtures, copied: runs never write outputs into the repo."""
     dest = tmp_path / "notebooks"
-    shutil.copytree(servers.ROOT / "notebooks", dest, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    shutil.copytree(browser_servers.ROOT / "notebooks", dest,
+                    ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     shutil.copy(FIXTURES / "widgets_demo.ipynb", dest / "widgets_demo.ipynb")
     return dest
 
@@ -54,7 +55,7 @@ def notebooks_copy(tmp_path):
 @pytest.fixture
 def lab(notebooks_copy, tmp_path):
     """A JupyterLab on the notebooks' copy, stopped (process group) at teardown."""
-    with servers.jupyter_lab(notebooks_copy, tmp_path / "lab-home") as server:
+    with browser_servers.jupyter_lab(notebooks_copy, tmp_path / "lab-home") as server:
         yield server
 
 

@@ -4,7 +4,7 @@ apt-get, make and id are stand-ins that log their arguments (id answers the uid 
 import os
 import subprocess
 
-from browser.servers import ROOT
+from browser_servers import ROOT
 
 SCRIPT = ROOT / ".ci" / "run"
 
@@ -12,11 +12,13 @@ SCRIPT = ROOT / ".ci" / "run"
 def _run(tmp_path, chromium, uid=0):
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir()
-    stubs = {"apt-get": f'echo "apt-get $*" >> "{log}"', "make": f'echo "make $*" >> "{log}"', "id": f"echo {uid}"}
+    stubs = {"apt-get": f'echo "apt-get $*" >> "{log}"', "make": f'echo "make $*" >> "{log}"',
+             "id": f"echo {uid}"}
     for tool, body in stubs.items():
         (bin_dir / tool).write_text(f"#!/bin/sh\n{body}\n")
         (bin_dir / tool).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "LEAKLAB_CHROMIUM": str(chromium)}
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "LEAKLAB_CHROMIUM": str(chromium)}
     done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     return done, log.read_text().splitlines() if log.exists() else []
 

@@ -5,16 +5,17 @@ The widgets demo (tests/browser/fixtures) carries the explorer's classes on plai
 fails the widget front end is broken, when only the explorer fails the explorer is."""
 import pytest
 
-from browser import drive, servers
+import browser_servers
+import browser_steps
 
 EXPLORER = "01_leakage_explorer.ipynb"
 
 
 def _round_trip(page, lab, name):
-    drive.open_notebook(page, lab, name)
-    drive.run_all(page)
-    assert drive.errors(page) == [], "a cell failed under Run All"
-    first, second, cuts = drive.interact(page)
+    browser_steps.open_notebook(page, lab, name)
+    browser_steps.run_all(page)
+    assert browser_steps.errors(page) == [], "a cell failed under Run All"
+    first, second, cuts = browser_steps.interact(page)
     assert first != second, f"the reconstruction image did not change from cut {cuts[0]} to {cuts[1]}"
     return cuts
 
@@ -22,7 +23,7 @@ def _round_trip(page, lab, name):
 @pytest.mark.slow
 @pytest.mark.xdist_group("browser")  # one JupyterLab or Voila at a time on the worker that has chromium
 def test_widgets_demo_renders_and_answers_in_jupyterlab(page, lab, reports):
-    assert servers.status(f"{lab.url}/api/kernels") == 403, "JupyterLab answered without its token"
+    assert browser_servers.status(f"{lab.url}/api/kernels") == 403, "JupyterLab answered without its token"
     cuts = _round_trip(page, lab, "widgets_demo.ipynb")
     # the kernel saw the slider's second position: the front end synced it before the click
     assert page.locator(".leaklab-status").inner_text().strip() == f"run 2 at {cuts[1]}"

@@ -3,16 +3,17 @@ moving the cut-layer slider and clicking Run brings a reconstruction image, a ne
 import nbformat
 import pytest
 
-from browser import drive, servers
+import browser_servers
+import browser_steps
 
 EXPLORER = "01_leakage_explorer.ipynb"
-FIXTURE = servers.ROOT / "tests" / "browser" / "fixtures" / "widgets_demo.ipynb"
+FIXTURE = browser_servers.ROOT / "tests" / "browser" / "fixtures" / "widgets_demo.ipynb"
 
 
 @pytest.fixture
 def voila_app(request, notebooks_copy, tmp_path):
     """Voila serving the notebook named by the test's parameter (from the notebooks' copy)."""
-    with servers.voila(notebooks_copy / request.param, tmp_path / "voila-home") as server:
+    with browser_servers.voila(notebooks_copy / request.param, tmp_path / "voila-home") as server:
         yield server
 
 
@@ -24,11 +25,11 @@ def _code_lines(path):
 
 def _round_trip(page, server, notebook):
     page.goto(server.page("/"), wait_until="commit")  # Voila streams the page while the kernel runs it
-    page.locator(".leaklab-explorer").first.wait_for(timeout=drive.RUN_S * 1000)
+    page.locator(".leaklab-explorer").first.wait_for(timeout=browser_steps.RUN_S * 1000)
     shown = set(page.locator("body").inner_text().splitlines())
     assert not _code_lines(notebook) & {ln.strip() for ln in shown}, "the Voila app shows code"
-    assert drive.errors(page) == [], "a cell failed in the Voila app"
-    first, second, cuts = drive.interact(page)
+    assert browser_steps.errors(page) == [], "a cell failed in the Voila app"
+    first, second, cuts = browser_steps.interact(page)
     assert first != second, f"the reconstruction image did not change from cut {cuts[0]} to {cuts[1]}"
     return cuts
 
@@ -37,7 +38,7 @@ def _round_trip(page, server, notebook):
 @pytest.mark.xdist_group("browser")
 @pytest.mark.parametrize("voila_app", ["widgets_demo.ipynb"], indirect=True)
 def test_widgets_demo_renders_and_answers_in_voila(page, voila_app, reports):
-    assert servers.status(f"{voila_app.url}/") in (302, 403), "Voila served the app without its token"
+    assert browser_servers.status(f"{voila_app.url}/") in (302, 403), "Voila served the app without its token"
     cuts = _round_trip(page, voila_app, FIXTURE)
     assert page.locator(".leaklab-status").inner_text().strip() == f"run 2 at {cuts[1]}"
     page.screenshot(path=str(reports / "browser-voila-widgets-demo.png"), full_page=True)
@@ -47,7 +48,7 @@ def test_widgets_demo_renders_and_answers_in_voila(page, voila_app, reports):
 @pytest.mark.xdist_group("browser")
 @pytest.mark.parametrize("voila_app", [EXPLORER], indirect=True)
 def test_explorer_runs_and_redraws_in_voila(page, voila_app, reports):
-    _round_trip(page, voila_app, servers.ROOT / "notebooks" / EXPLORER)
+    _round_trip(page, voila_app, browser_servers.ROOT / "notebooks" / EXPLORER)
     scores = page.locator(".leaklab-scores").inner_text()
     assert all(name in scores for name in ("PSNR", "SSIM")), f"scores after a run: {scores!r}"
     page.screenshot(path=str(reports / "browser-voila.png"), full_page=True)

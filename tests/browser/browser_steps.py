@@ -1,6 +1,7 @@
 """What a user does in the browser, as Playwright steps: open a notebook in JupyterLab once its kernel is
 ready, Run All, move the explorer's cut-layer slider, click Run and read the reconstruction image's
-PNG bytes. Selectors are the leaklab-* classes every explorer control carries (toolkit/widgets/explorer.py)."""
+PNG bytes. Selectors are the leaklab-* classes every explorer control carries
+(toolkit/widgets/explorer.py)."""
 from __future__ import annotations
 
 import base64

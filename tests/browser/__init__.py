@@ -1,1 +1,0 @@
-"""Browser tests: JupyterLab and Voila in Debian's chromium, driven by Playwright."""
