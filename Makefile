@@ -23,7 +23,7 @@ TORCH_PIN := $(shell sed -n 's/^\(torch==[^ ]*\).*/\1/p' constraints.txt)
 LAB_FLAGS := --port=$(PORT) $(if $(filter no,$(BROWSER)),--no-browser,) $(if $(filter 0,$(shell id -u)),--allow-root,)
 XDIST     := $(if $(filter 0 1,$(JOBS)),,-n $(JOBS) --dist loadgroup)
 
-.PHONY: demo test lab bench clean
+.PHONY: demo test lab dashboard bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ test: $(STAMP)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab $(LAB_FLAGS) notebooks/
+
+# The leakage explorer (notebooks/01_leakage_explorer.ipynb) as a web app: Voila on 127.0.0.1:$(PORT), no code
+# shown; BROWSER=no for a headless machine.
+dashboard: $(STAMP)
+	$(VENV)/bin/voila notebooks/01_leakage_explorer.ipynb --Voila.ip=127.0.0.1 --port=$(PORT) \
+		$(if $(filter no,$(BROWSER)),--no-browser,)
 
 bench: $(STAMP)
 	$(PY) benchmarks/split_overhead.py

@@ -55,6 +55,15 @@ def test_a_run_scores_what_the_server_received_and_is_the_same_for_the_same_seed
     assert noisy.dcor < a.dcor and noisy.scores["ssim"] < a.scores["ssim"]  # the defense acts on what crossed
 
 
+@pytest.mark.parametrize("dataset, model, accuracy", [("digits", "mlp", 0.93), ("digits", "convnet", 0.95),
+                                                      ("digits 28x28", "lenet", 0.82)])
+def test_two_epochs_reach_the_accuracy_the_training_settings_note(dataset, model, accuracy):
+    s = ExplorerSession(defenses=EXPLORER_DEFENSES, attacks=ATTACKS,
+                        datasets={dataset: DATASETS[dataset]})
+    out = s.run(Setting(dataset=dataset, model=model, cut="pool1" if model != "mlp" else "act1"))
+    assert out.accuracy == pytest.approx(accuracy, abs=0.03)
+
+
 def test_a_stopped_run_keeps_the_partly_trained_model_and_is_not_cached():
     s, stop, seen = session(), threading.Event(), []
 
@@ -64,11 +73,19 @@ def test_a_stopped_run_keeps_the_partly_trained_model_and_is_not_cached():
             stop.set()
 
     out = s.run(Setting(epochs=1), stop=stop, on_progress=progress)
-    assert out.stopped and out.steps == 3 and out.total_steps == 23  # 1,437 digits / batch 64
+    assert out.stopped and out.steps == 3 and out.total_steps == 45  # 1,437 digits / batch 32
     assert [d for d, _, w in seen if w == "training"] == [1, 2, 3] and seen[-1][2] == "done"
     assert out.reconstruction.shape == out.originals.shape and 0 <= out.accuracy <= 1
     full = s.run(Setting(epochs=1))
-    assert s.trainings == 2 and not full.stopped and full.steps == 23 and full.accuracy > out.accuracy
+    assert s.trainings == 2 and not full.stopped and full.steps == 45 and full.accuracy > out.accuracy
+
+
+def test_a_run_uses_the_sessions_thread_count_and_restores_torchs():
+    before, during = torch.get_num_threads(), []
+    session(threads=1).run(Setting(epochs=1), on_progress=lambda *a: during.append(torch.get_num_threads()))
+    assert set(during) == {1} and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        session(threads=0)
 
 
 def test_tabular_data_is_attacked_in_feature_units_and_attributed_per_feature():
@@ -160,8 +177,8 @@ def test_the_run_button_runs_in_the_background_with_live_progress_and_stop_keeps
     assert e.stop_button.disabled
     e.run_button.click()
     e.wait(60)
-    assert "Stopped after 5 of 23 training steps" in e.status.value and e.outcome.stopped
-    assert values[:5] == [1, 2, 3, 4, 5] and e.progress.value == e.progress.max == 24
+    assert "Stopped after 5 of 45 training steps" in e.status.value and e.outcome.stopped
+    assert values[:5] == [1, 2, 3, 4, 5] and e.progress.value == e.progress.max == 46
     assert e.reconstruction.value[:8] == PNG and "STOPPED" in e.scores.value
     assert e.stop_button.disabled and not e.run_button.disabled
     e._progress = progress

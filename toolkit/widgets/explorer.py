@@ -52,6 +52,7 @@ class LeakageExplorer:
         datasets: name -> loader (default: digits, digits 28x28, mnist when present, breast_cancer).
         epochs: training epochs per run.
         seed: seeds every run.
+        threads: torch threads during a run (default 1, see :class:`ExplorerSession`).
         setting: keyword overrides of the starting :class:`Setting` (dataset, model, cut, ...).
 
     ``run(**overrides)`` runs the current setting (with overrides) in the calling thread and
@@ -59,10 +60,10 @@ class LeakageExplorer:
     """
 
     def __init__(self, *, defenses: Mapping[str, Any], attacks: Mapping[str, Callable], datasets: Mapping | None = None,
-                 epochs: int = 2, seed: int = 0, **setting: Any):
+                 epochs: int = 2, seed: int = 0, threads: int | None = 1, **setting: Any):
         import ipywidgets as w
 
-        self.session = ExplorerSession(defenses=defenses, attacks=attacks, datasets=datasets)
+        self.session = ExplorerSession(defenses=defenses, attacks=attacks, datasets=datasets, threads=threads)
         start = Setting(**{"epochs": epochs, "seed": seed, "attack": next(iter(self.session.attacks)),
                            "defense": next(iter(self.session.defenses)), **setting})
         self.epochs, self.seed = start.epochs, start.seed
