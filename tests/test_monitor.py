@@ -170,17 +170,27 @@ print(len(history))
 """
 
 
-@pytest.mark.parametrize("smoke", [True, False])
-def test_in_a_headless_kernel_static_shows_one_png_and_live_a_widget(tmp_path, monkeypatch, smoke):
+@pytest.mark.parametrize("live", [False, True])
+def test_in_a_headless_kernel_static_shows_one_png_and_live_a_widget(tmp_path, monkeypatch, live):
     root = Path(__file__).resolve().parents[1]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.delenv("LEAKLAB_STATIC", raising=False)
     path = tmp_path / "monitor.ipynb"
-    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(NOTEBOOK)]), path)
-    outputs = execute(path, smoke=smoke, threads=1).cells[0].outputs
+    # a headless run (execute sets LEAKLAB_STATIC=1) is static; a kernel that unsets it stands for a front end
+    first = 'import os\nos.environ["LEAKLAB_STATIC"] = "0"\n' if live else ""
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(first + NOTEBOOK)]), path)
+    outputs = execute(path, smoke=False, threads=1).cells[0].outputs
     kinds = [k for o in outputs for k in o.get("data", {})]
     assert "10\n" in "".join(o.get("text", "") for o in outputs if o.get("name") == "stdout")
-    if smoke:  # LEAKLAB_SMOKE=1: the static fallback, one PNG
+    if not live:  # the static fallback, one PNG
         assert kinds.count("image/png") == 1 and "application/vnd.jupyter.widget-view+json" not in kinds
-    else:  # a kernel with no LEAKLAB_SMOKE: the live widget (its view), no PNG output
+    else:  # a kernel with a (presumed) front end: the live widget (its view), no PNG output
         assert kinds.count("application/vnd.jupyter.widget-view+json") == 1 and "image/png" not in kinds
+
+
+def test_static_mode_is_one_check_for_every_dashboard(monkeypatch):
+    from toolkit.widgets import explorer, frontend, monitor
+
+    assert explorer.static_mode is frontend.static_mode is monitor.static_mode
+    monkeypatch.delenv("LEAKLAB_STATIC", raising=False)
+    monkeypatch.delenv("LEAKLAB_SMOKE", raising=False)
+    assert frontend.static_mode()  # no Jupyter kernel here (pytest)

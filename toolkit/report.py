@@ -36,7 +36,8 @@ def _env(**values: str):
 def execute(path: str | Path, *, smoke: bool = False, timeout: int = 600, threads: int | None = None):
     """Execute a notebook in a fresh kernel (cwd = its folder); returns the executed notebook.
 
-    Progress bars are off in the kernel (``TQDM_DISABLE=1``): a headless run would save each bar's
+    No widget front end is there: dashboards run statically (``LEAKLAB_STATIC=1``, see
+    ``toolkit.widgets.frontend``) and show PNG figures. Progress bars are off in the kernel (``TQDM_DISABLE=1``): a headless run would save each bar's
     text as it was drawn, frozen at 0%. ``threads`` sets ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` for the kernel (a separate
     process; torch reads them at start-up); None leaves them as they are.
     Raises ``nbclient.exceptions.CellExecutionError`` naming the failing cell on error.
@@ -48,7 +49,7 @@ def execute(path: str | Path, *, smoke: bool = False, timeout: int = 600, thread
     if not path.is_file():
         raise ValueError(f"no notebook at {path}")
     env = {SMOKE_ENV: "1" if smoke else "0", "PYTHONWARNINGS": "ignore::DeprecationWarning",
-           "TQDM_DISABLE": "1"}
+           "TQDM_DISABLE": "1", "LEAKLAB_STATIC": "1"}
     if threads is not None:
         from toolkit.validate import positive_int
 

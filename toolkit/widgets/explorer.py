@@ -25,21 +25,16 @@ Example:
 from __future__ import annotations
 
 import html
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from toolkit.widgets import figures
+from toolkit.widgets.frontend import static_mode
 from toolkit.widgets.session import DEFAULT_CUTS, ExplorerSession, Outcome, Setting
 
 __all__ = ["LeakageExplorer", "static_mode"]
-
-
-def static_mode() -> bool:
-    """No widget front end is expected: ``LEAKLAB_SMOKE=1`` (the test suite) or ``LEAKLAB_STATIC=1``."""
-    return os.environ.get("LEAKLAB_SMOKE") == "1" or os.environ.get("LEAKLAB_STATIC") == "1"
 
 
 class LeakageExplorer:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import sys
 import time
 import warnings
@@ -30,28 +29,13 @@ from toolkit import plots, validate
 from toolkit.federated.base import FederatedProtocol
 from toolkit.split.multiclient import _MultiClient
 from toolkit.split.splitnn import SplitNN
+from toolkit.widgets.frontend import static_mode
 
 __all__ = ["TrainingMonitor", "history_figure", "static_mode"]
 
-STATIC_ENV, SMOKE_ENV = "LEAKLAB_STATIC", "LEAKLAB_SMOKE"
 TITLES = {"loss": ("loss", "loss (task objective)"), "accuracy": ("accuracy", "fraction correct"),
           "dcor": ("leakage at the cut", "distance correlation dCor"), "bytes": ("communication", "bytes sent")}
 BOUNDED = {"accuracy", "dcor"}  # columns in [0, 1]: a fixed y range reads the same at every redraw
-
-
-def static_mode() -> bool:
-    """Whether widgets should run statically: no Jupyter kernel, or LEAKLAB_STATIC=1 or LEAKLAB_SMOKE=1."""
-    if os.environ.get(STATIC_ENV) == "1" or os.environ.get(SMOKE_ENV) == "1":
-        return True
-    shell = _shell()
-    return shell is None or getattr(shell, "kernel", None) is None
-
-
-def _shell():
-    """The running IPython shell, or None. Under IPython, IPython is already imported (so this
-    module never imports it: it comes with the notebooks extra's ipykernel, not as a dependency)."""
-    ipython = sys.modules.get("IPython")
-    return ipython.get_ipython() if ipython is not None else None
 
 
 def _display(obj: Any) -> None:
@@ -330,8 +314,9 @@ class TrainingMonitor:
 
     @staticmethod
     def _display_png(png: bytes) -> None:
-        if _shell() is not None:  # a notebook or IPython: one PNG output
-            _display(sys.modules["IPython"].display.Image(data=png, format="png"))
+        ipython = sys.modules.get("IPython")
+        if ipython is not None and ipython.get_ipython() is not None:  # a notebook or IPython: one PNG output
+            _display(ipython.display.Image(data=png, format="png"))
 
     def close(self) -> None:
         """Close the live view's widgets (ipywidgets keeps every widget, and so its last PNG, in
