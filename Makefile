@@ -7,8 +7,9 @@
 #                build (several GB). Empty (default): plain `pip install torch==2.13.0`.
 #   JOBS         pytest-xdist workers for `make test` (default: one per CPU core; 1 runs serially).
 #                Each worker runs torch, OpenMP and MKL on one thread (tests/conftest.py).
-#   PORT         JupyterLab's port for `make lab` (default 8888).
-#   BROWSER      yes (default) opens a browser for `make lab`; no for a headless or remote machine.
+#   PORT         the port of `make lab` (JupyterLab) and `make dashboard` (Voila) (default 8888).
+#   BROWSER      yes (default) opens a browser for `make lab` / `make dashboard`; no for a headless or
+#                remote machine.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python

@@ -7,6 +7,7 @@ import pytest
 
 import browser_servers
 import browser_steps
+pytest_plugins = ["browser_fixtures"]  # the browser fixtures (chromium, page, lab, notebooks_copy, reports)
 
 EXPLORER = "01_leakage_explorer.ipynb"
 

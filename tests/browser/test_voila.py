@@ -5,6 +5,7 @@ import pytest
 
 import browser_servers
 import browser_steps
+pytest_plugins = ["browser_fixtures"]  # the browser fixtures (chromium, page, lab, notebooks_copy, reports)
 
 EXPLORER = "01_leakage_explorer.ipynb"
 FIXTURE = browser_servers.ROOT / "tests" / "browser" / "fixtures" / "widgets_demo.ipynb"

@@ -1,5 +1,7 @@
 """Browser fixtures: Debian's chromium driven by Playwright for Python (no `playwright install`), and
-JupyterLab / Voila servers on temporary copies of the notebooks. Without /usr/bin/chromium or
+JupyterLab / Voila servers on temporary copies of the notebooks. The browser test modules import
+them (a conftest.py here would clash with tests/conftest.py: both are module "conftest" to the
+doctest collector). Without /usr/bin/chromium or
 playwright every browser test skips and says why (`.ci/run` installs chromium, so CI runs them)."""
 import os
 import shutil
