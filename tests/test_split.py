@@ -244,3 +244,33 @@ def test_a_copying_transport_gives_the_same_transfers_and_numbers(digits, name):
     by_key = {(t.step, t.sender, t.receiver, t.kind): t.tensor for t in t2}
     assert all(torch.allclose(t.tensor.float(), by_key[(t.step, t.sender, t.receiver, t.kind)].float(), atol=1e-5)
                for t in t1)
+
+
+def test_fit_calls_on_step_with_the_history_so_far_and_trains_as_without_it():
+    import pandas as pd
+    from toolkit import data, models, seed_everything
+    from toolkit.split import SplitConfig, SplitNN
+
+    ds = data.load("digits").subset(range(200))
+
+    def run(**kwargs):
+        seed_everything(0)
+        client, server = models.cut(models.mlp([64, 16, 10]), at=2)
+        return SplitNN.vanilla(client, server, ds, config=SplitConfig(batch_size=50, lr=0.1)), kwargs
+
+    seen = []
+    sl, kw = run()
+    plain = sl.fit(epochs=2)
+    sl, kw = run()
+    watched = sl.fit(epochs=2, on_step=lambda h: seen.append(h.copy()), every=3)
+    pd.testing.assert_frame_equal(plain, watched)
+    assert [len(h) for h in seen] == [3, 6]  # 4 steps per epoch: steps 3 and 6
+    pd.testing.assert_frame_equal(seen[-1], watched.iloc[:6])
+    seen.clear()
+    sl, kw = run()
+    sl.fit(steps=5, on_step=lambda h: seen.append(len(h)))
+    assert seen == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="on_step must be a callable"):
+        sl.fit(epochs=1, on_step="draw")
+    with pytest.raises(ValueError, match="every must be a positive int"):
+        sl.fit(epochs=1, on_step=print, every=0)

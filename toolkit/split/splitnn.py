@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 
 import pandas as pd
@@ -257,11 +257,31 @@ class SplitNN(Configurations):
                     return
             self.epoch += 1
 
-    def train_epoch(self) -> pd.DataFrame:
-        """One pass over the training data; one history row per step."""
-        frame = self._frame(list(self.steps()))
+    def train_epoch(self, *, on_step: Callable[[list[tuple]], None] | None = None) -> pd.DataFrame:
+        """One pass over the training data; one history row per step. ``on_step(records)`` is called
+        after each step with the epoch's records so far."""
+        records = []
+        for record in self.steps():
+            records.append(record)
+            if on_step is not None:
+                on_step(records)
+        frame = self._frame(records)
         self.epoch += 1
         return frame
+
+    def _watcher(self, frames: list[pd.DataFrame], on_step: Callable[[pd.DataFrame], None] | None,
+                 every: int) -> Callable[[list[tuple]], None] | None:
+        """The per-step callback of :meth:`fit`: ``on_step(history so far)`` every ``every`` steps."""
+        if on_step is None:
+            return None
+        done = [0]
+
+        def watch(records: list[tuple]) -> None:
+            done[0] += 1
+            if done[0] % every == 0:
+                on_step(pd.concat([*frames, self._frame(records)], ignore_index=True))
+
+        return watch
 
     def _frame(self, records: list[tuple], **extra) -> pd.DataFrame:
         steps, sizes, stats, nbytes = zip(*records)
@@ -288,24 +308,34 @@ class SplitNN(Configurations):
         return frame
 
     def fit(self, epochs: int | None = 1, *, steps: int | None = None, show_progress: bool = False,
-            eval_each_epoch: bool = False) -> pd.DataFrame:
+            eval_each_epoch: bool = False, on_step: Callable[[pd.DataFrame], None] | None = None,
+            every: int = 1) -> pd.DataFrame:
         """Train for ``epochs`` passes (or exactly ``steps`` steps, across epochs); returns one row
         per step (and keeps it in ``self.history``).
 
         With ``eval_each_epoch`` the last row of each epoch also carries test_loss and
-        test_accuracy.
+        test_accuracy. ``on_step(history)`` is called every ``every`` steps with this fit's history
+        so far (e.g. a live figure, :class:`toolkit.widgets.TrainingMonitor`).
         """
+        every = validate.positive_int("every", every)
+        if on_step is not None and not callable(on_step):
+            raise ValueError(f"on_step must be a callable taking the history so far, got {type(on_step).__name__}")
         if steps is not None:
             if eval_each_epoch:
                 raise ValueError("eval_each_epoch needs whole epochs: pass epochs, not steps")
-            records = list(progress(self.train_steps(steps), show=show_progress, total=steps,
-                                    desc=f"{self.name} split learning"))
+            watch, records = self._watcher([], on_step, every), []
+            for record in progress(self.train_steps(steps), show=show_progress, total=steps,
+                                   desc=f"{self.name} split learning"):
+                records.append(record)
+                if watch is not None:
+                    watch(records)
             frames = [self._frame(records)]
         else:
             validate.positive_int("epochs", epochs)
             frames = []
+            watch = self._watcher(frames, on_step, every)
             for _ in progress(range(epochs), show=show_progress, desc=f"{self.name} split learning"):
-                frame = self.train_epoch()
+                frame = self.train_epoch(on_step=watch)
                 if eval_each_epoch:
                     for key, value in self.evaluate().items():
                         frame.loc[frame.index[-1], f"test_{key}"] = value

@@ -214,24 +214,13 @@ class TrainingMonitor:
         return history
 
     def _fit_split(self, epochs: int, eval_each_epoch: bool) -> pd.DataFrame:
-        """SplitNN.fit(epochs, eval_each_epoch=...), one step at a time (same frames, same order)."""
-        sl, frames = self.protocol, []
-        for _ in range(epochs):
-            records = []
-            for record in sl.steps():
-                records.append(record)
-                self._count += 1
-                if self._count % self.every == 0:
-                    self._draw(pd.concat([*frames, sl._frame(records)], ignore_index=True))
-            frame = sl._frame(records)
-            sl.epoch += 1
-            if eval_each_epoch:
-                for key, value in sl.evaluate().items():
-                    frame.loc[frame.index[-1], f"test_{key}"] = value
-            frames.append(frame)
-        history = pd.concat(frames, ignore_index=True)
-        sl.history = pd.concat([sl.history, history], ignore_index=True) if len(sl.history) else history
-        return history
+        """SplitNN.fit(epochs, eval_each_epoch=...), redrawn from its per-step callback."""
+        return self.protocol.fit(epochs, eval_each_epoch=eval_each_epoch, every=self.every,
+                                 on_step=None if self.static else self._step)
+
+    def _step(self, history: pd.DataFrame) -> None:
+        self._count = len(history)  # steps of this call so far: the progress bar's value
+        self._draw(history)
 
     def _fit_rounds(self, total: int, unit: str, eval_each_epoch: bool) -> pd.DataFrame:
         """protocol.fit(1) ``total`` times (epochs of several clients, or federated rounds)."""
