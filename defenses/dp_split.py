@@ -62,16 +62,7 @@ class DPParty:
     def fit(self, epochs: int = 1, **kwargs) -> pd.DataFrame:
         """``sl.fit`` epoch by epoch; the last row of each epoch also carries epsilon_rdp,
         epsilon_prv and delta after it (other rows NaN: the accountants take tenths of a second)."""
-        validate.positive_int("epochs", epochs)
-        frames = []
-        for _ in range(epochs):
-            with quiet_hooks():
-                frame = self.sl.fit(1, **kwargs)
-            for key, value in self.report().items():
-                frame.loc[frame.index[-1], key] = value
-                self.sl.history.loc[self.sl.history.index[-1], key] = value
-            frames.append(frame)
-        return pd.concat(frames, ignore_index=True)
+        return _fit_reporting(self.sl, epochs, self.report, kwargs)
 
     def __repr__(self) -> str:
         return (f"DPParty({self.party.name!r}, noise_multiplier={self.noise_multiplier:.4g}, "
@@ -181,16 +172,7 @@ class DPClients:
 
     def fit(self, epochs: int = 1, **kwargs) -> pd.DataFrame:
         """``protocol.fit`` epoch by epoch; each epoch's last row also carries :meth:`report`."""
-        validate.positive_int("epochs", epochs)
-        frames = []
-        for _ in range(epochs):
-            with quiet_hooks():
-                frame = self.protocol.fit(1, **kwargs)
-            for key, value in self.report().items():
-                frame.loc[frame.index[-1], key] = value
-                self.protocol.history.loc[self.protocol.history.index[-1], key] = value
-            frames.append(frame)
-        return pd.concat(frames, ignore_index=True)
+        return _fit_reporting(self.protocol, epochs, self.report, kwargs)
 
     def __repr__(self) -> str:
         return f"DPClients({type(self.protocol).__name__}, {self.parties!r})"
@@ -242,3 +224,18 @@ def _checked(sl: SplitNN, party: str, noise_multiplier, target_epsilon, epochs, 
     z = noise_for(noise_multiplier, target_epsilon, epochs, delta=delta, sample_rate=q,
                   steps_per_epoch=steps_per_epoch, accountant=accountant)
     return p, z
+
+
+def _fit_reporting(protocol, epochs: int, report, kwargs: dict) -> pd.DataFrame:
+    """``protocol.fit`` epoch by epoch, ``report()`` (epsilon, delta) on each epoch's last row, in
+    the returned frame and in ``protocol.history``."""
+    validate.positive_int("epochs", epochs)
+    frames = []
+    for _ in range(epochs):
+        with quiet_hooks():
+            frame = protocol.fit(1, **kwargs)
+        for key, value in report().items():
+            frame.loc[frame.index[-1], key] = value
+            protocol.history.loc[protocol.history.index[-1], key] = value
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)

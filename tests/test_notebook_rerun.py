@@ -15,6 +15,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from toolkit.report import environment, kernel_environment
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 RSS_GROWTH = 0.05  # the acceptance bound: the second run may grow RSS by less than 5%
@@ -55,11 +57,7 @@ def run_twice(path: Path, *, smoke: bool = True, after: str | None = None, timeo
     probe, cleanup = nbformat.v4.new_code_cell(MEASURE), nbformat.v4.new_code_cell(after or "")
     nb.cells += [probe, cleanup]  # nbclient addresses cells by their index in the notebook
     code = [(i, c) for i, c in enumerate(nb.cells[:-2]) if c.cell_type == "code"]
-    env = {"LEAKLAB_SMOKE": "1" if smoke else "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PYTHONWARNINGS": "ignore::DeprecationWarning"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the kernel inherits them at start-up (as toolkit.report.execute sets them)
-    try:
+    with environment(**kernel_environment(smoke=smoke, threads=1)):  # as toolkit.report.execute runs it
         client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                                 resources={"metadata": {"path": str(path.parent.resolve())}})
         out = []
@@ -72,12 +70,6 @@ def run_twice(path: Path, *, smoke: bool = True, after: str | None = None, timeo
             if after is not None:
                 client.execute_cell(cleanup, len(nb.cells) - 1)
         return out
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def leaks(first: dict[str, int], second: dict[str, int], *, rss_growth: float = RSS_GROWTH) -> list[str]:

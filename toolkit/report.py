@@ -20,7 +20,9 @@ SMOKE_ENV = "LEAKLAB_SMOKE"
 
 
 @contextmanager
-def _env(**values: str):
+def environment(**values: str):
+    """Set environment variables for the block (a kernel started inside inherits them), then
+    restore them as they were."""
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -33,13 +35,28 @@ def _env(**values: str):
                 os.environ[k] = v
 
 
+def kernel_environment(*, smoke: bool = False, threads: int | None = None) -> dict[str, str]:
+    """What a headless notebook kernel gets: smoke mode or not, no widget front end
+    (``LEAKLAB_STATIC=1``), no progress bars (``TQDM_DISABLE=1``), and ``threads`` torch/OpenMP/MKL
+    threads when given."""
+    env = {SMOKE_ENV: "1" if smoke else "0", "PYTHONWARNINGS": "ignore::DeprecationWarning",
+           "TQDM_DISABLE": "1", "LEAKLAB_STATIC": "1"}
+    if threads is not None:
+        from toolkit.validate import positive_int
+
+        positive_int("threads", threads)
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
 def execute(path: str | Path, *, smoke: bool = False, timeout: int = 600, threads: int | None = None):
     """Execute a notebook in a fresh kernel (cwd = its folder); returns the executed notebook.
 
-    No widget front end is there: dashboards run statically (``LEAKLAB_STATIC=1``, see
-    ``toolkit.widgets.frontend``) and show PNG figures. Progress bars are off in the kernel (``TQDM_DISABLE=1``): a headless run would save each bar's
-    text as it was drawn, frozen at 0%. ``threads`` sets ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` for the kernel (a separate
-    process; torch reads them at start-up); None leaves them as they are.
+    The kernel runs with :func:`kernel_environment`: no widget front end is there, so dashboards
+    run statically (``toolkit.widgets.frontend``) and show PNG figures; progress bars are off (a
+    headless run would save each bar's text as it was drawn, frozen at 0%). ``threads`` sets
+    ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` for the kernel (a separate process; torch reads
+    them at start-up); None leaves them as they are.
     Raises ``nbclient.exceptions.CellExecutionError`` naming the failing cell on error.
     """
     import nbformat
@@ -48,15 +65,9 @@ def execute(path: str | Path, *, smoke: bool = False, timeout: int = 600, thread
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no notebook at {path}")
-    env = {SMOKE_ENV: "1" if smoke else "0", "PYTHONWARNINGS": "ignore::DeprecationWarning",
-           "TQDM_DISABLE": "1", "LEAKLAB_STATIC": "1"}
-    if threads is not None:
-        from toolkit.validate import positive_int
-
-        positive_int("threads", threads)
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = kernel_environment(smoke=smoke, threads=threads)
     nb = nbformat.read(path, as_version=4)
-    with _env(**env):
+    with environment(**env):
         client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                                 resources={"metadata": {"path": str(path.parent.resolve())}})
         client.execute()
