@@ -1,0 +1,1 @@
+"""Secure aggregation primitives (work in progress; see the package docstring once written)."""
