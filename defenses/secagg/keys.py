@@ -22,7 +22,7 @@ import torch
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 PUBLIC_KEY_BYTES = 32
 SEED_BYTES = 32
@@ -68,6 +68,18 @@ class KeyPair:
     @classmethod
     def generate(cls) -> "KeyPair":
         return cls(X25519PrivateKey.generate())
+
+    @classmethod
+    def from_private_bytes(cls, data: bytes) -> "KeyPair":
+        """The key pair of 32 raw private-key bytes (as reconstructed from Shamir shares)."""
+        if not isinstance(data, (bytes, bytearray)) or len(data) != 32:
+            raise ValueError("an X25519 private key is 32 raw bytes")
+        return cls(X25519PrivateKey.from_private_bytes(bytes(data)))
+
+    @property
+    def private_bytes(self) -> bytes:
+        """The private key as 32 raw bytes: only to be Shamir-shared, never sent in the clear."""
+        return self.private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
 
     @property
     def public_bytes(self) -> bytes:
