@@ -10,7 +10,7 @@ import torch
 from defenses.secagg import (FixedPoint, KeyPair, MIN_SEED_BITS, Share, derive_seed, expand, masked_input,
                              pairwise_mask, public_key_from, reconstruct, ring_bits, ring_neg, ring_sum, share,
                              sum_pairwise_masks)
-from defenses.secagg.shamir import PRIME, interpolate
+from defenses.secagg.shamir import PRIME, _evaluate, coefficients, interpolate
 
 
 # ---- keys --------------------------------------------------------------------------------------
@@ -74,6 +74,18 @@ def test_mask_expansion_uses_128_bit_plus_seeds_and_is_deterministic():
     assert not torch.equal(a, expand(s, 1000, 20, round=4))  # nonce per round
     assert not torch.equal(a, expand(s, 1000, 20, round=3, purpose="self"))  # nonce per purpose
     assert torch.equal(expand(s, 10, 20, round=3), a[:10])  # a prefix of the same stream
+
+
+def test_mask_is_the_chacha20_stream_across_chunks():
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+    from defenses.secagg.masks import _CHUNK, _nonce
+    seed, n = os.urandom(32), _CHUNK + 5
+    enc = Cipher(algorithms.ChaCha20(seed, _nonce(2, "self")), mode=None).encryptor()
+    words = [int.from_bytes(w, "little") for w in
+             (lambda b: (b[i:i + 8] for i in range(0, len(b), 8)))(enc.update(bytes(8 * n)))]
+    got = expand(seed, n, 40, round=2, purpose="self")
+    assert got.tolist() == [w % 2**40 for w in words]
+    assert expand(seed, 0, 40).shape == (0,)
 
 
 def test_mask_elements_are_uniform():
@@ -145,6 +157,13 @@ def test_any_t_of_n_shares_reconstruct(t, n):
     assert reconstruct(shares) == secret  # more than t: all checked, still the secret
 
 
+def test_coefficients_recover_a_known_polynomial():
+    poly = [random.Random(k).randrange(PRIME) for k in range(6)]
+    points = [(x, _evaluate(poly, x)) for x in (3, 1, 9, 4, 7, 2)]
+    assert coefficients(points) == poly
+    assert interpolate(points, 0) == poly[0] and interpolate(points, 11) == _evaluate(poly, 11)
+
+
 @pytest.mark.parametrize("length", [1, 15, 16, 31, 32, 33, 100])
 def test_secret_lengths(length):
     secret = os.urandom(length)
@@ -193,6 +212,9 @@ def test_shamir_errors():
         reconstruct([])
     with pytest.raises(ValueError, match="different secrets"):
         reconstruct(s[:2] + [share(os.urandom(16), 3, 5)[2]])
+    with pytest.raises(ValueError, match="claim threshold 1, the protocol's is 3"):
+        reconstruct(share(b"k" * 32, 1, 5)[:1], t=3)
+    assert reconstruct(s[2:], t=3) == reconstruct(s[:3])
     with pytest.raises(ValueError, match="1..65535 bytes"):
         share(b"", 1, 2)
 

@@ -34,6 +34,7 @@ from defenses.secagg.encoding import check_bits, ring_add, ring_neg, ring_sum
 
 MIN_SEED_BITS = 128
 PURPOSES = ("pairwise", "self")
+_CHUNK = 1 << 17  # ring elements per ChaCha20 update (1 MiB)
 
 __all__ = ["MIN_SEED_BITS", "PURPOSES", "check_seed", "expand", "pairwise_mask", "sum_pairwise_masks",
            "masked_input", "ring_sum"]
@@ -75,11 +76,13 @@ def expand(seed: bytes, n: int, bits: int, round: int = 0, purpose: str = "pairw
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     enc = Cipher(algorithms.ChaCha20(_key(seed), _nonce(round, purpose)), mode=None).encryptor()
-    stream = bytearray(enc.update(bytes(8 * n)))
-    if n == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    words = torch.frombuffer(stream, dtype=torch.int64)  # little-endian on every platform torch ships
-    return words & ((1 << bits) - 1)
+    out = torch.empty(n, dtype=torch.int64)
+    view = out.numpy().view("u1")  # the tensor's bytes; little-endian on every platform torch ships
+    zeros = bytes(8 * min(n, _CHUNK))
+    for start in range(0, 8 * n, len(zeros) or 1):  # 1 MiB of key stream at a time
+        stop = min(start + len(zeros), 8 * n)
+        view[start:stop] = memoryview(enc.update(zeros[:stop - start]))
+    return out.bitwise_and_((1 << bits) - 1)
 
 
 def pairwise_mask(own_id: int, peer_id: int, seed: bytes, n: int, bits: int, round: int = 0) -> torch.Tensor:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import secrets
 import struct
+from collections import Counter
 from dataclasses import dataclass
 
 PRIME = 2**127 - 1
@@ -95,9 +96,29 @@ def _evaluate(coeffs, x: int) -> int:
     return y
 
 
+def coefficients(points) -> list[int]:
+    """The coefficients (constant first) of the polynomial of degree ``len(points) - 1`` through
+    ``points`` ([(x_i, y_i)], distinct x_i) mod 2^127 - 1, by Lagrange interpolation in O(t^2):
+    the product ``P(x) = prod_j (x - x_j)`` once, then each basis ``P(x) / (x - x_i)`` by synthetic
+    division, scaled by ``y_i`` over its value at ``x_i``."""
+    master = [1]  # coefficients of prod_j (x - x_j), constant first
+    for xj, _ in points:
+        master = [(a - xj * b) % PRIME for a, b in zip([0] + master, master + [0])]
+    out = [0] * len(points)
+    for xi, yi in points:
+        # quotient of master by (x - xi), highest degree first
+        q, carry = [0] * len(points), 0
+        for k in range(len(points), 0, -1):
+            carry = (master[k] + carry * xi) % PRIME
+            q[k - 1] = carry
+        scale = yi * pow(_evaluate(q, xi), -1, PRIME) % PRIME
+        out = [(o + scale * c) % PRIME for o, c in zip(out, q)]
+    return out
+
+
 def interpolate(points, x: int = 0) -> int:
     """The value at ``x`` of the polynomial of degree ``len(points) - 1`` through ``points``
-    ([(x_i, y_i)], distinct x_i), by Lagrange interpolation mod 2^127 - 1."""
+    ([(x_i, y_i)], distinct x_i), by the Lagrange formula mod 2^127 - 1."""
     total = 0
     for i, (xi, yi) in enumerate(points):
         num, den = 1, 1
@@ -109,20 +130,22 @@ def interpolate(points, x: int = 0) -> int:
     return total
 
 
-def reconstruct(shares) -> bytes:
+def reconstruct(shares, t: int | None = None) -> bytes:
     """The secret from at least ``t`` shares. The first ``t`` (by index) interpolate it; every
     further share must lie on the same polynomials, else a ValueError names it (a share that
-    does not verify). Fewer than ``t`` shares, duplicate indices or mixed secrets are refused."""
+    does not verify). Fewer than ``t`` shares, duplicate indices or mixed secrets are refused; pass
+    the protocol's ``t`` so that shares claiming a lower threshold are refused too."""
     shares = list(shares)
     if not shares:
         raise ValueError("no shares to reconstruct from")
     if not all(isinstance(s, Share) for s in shares):
         raise ValueError("reconstruct expects Share objects")
+    if t is not None and shares[0].threshold != t:
+        raise ValueError(f"the shares claim threshold {shares[0].threshold}, the protocol's is {t}")
     t, length = shares[0].threshold, shares[0].length
     if any((s.threshold, s.length, len(s.values)) != (t, length, len(shares[0].values)) for s in shares):
         raise ValueError("shares of different secrets (threshold, length or chunk count differ)")
-    indices = [s.index for s in shares]
-    dup = sorted({i for i in indices if indices.count(i) > 1})
+    dup = sorted(i for i, c in Counter(s.index for s in shares).items() if c > 1)
     if dup:
         raise ValueError(f"duplicate share indices {dup}: each client's share counts once")
     if len(shares) < t:
@@ -132,11 +155,12 @@ def reconstruct(shares) -> bytes:
     out = b""
     for k in range(len(base[0].values)):
         points = [(s.index, s.values[k]) for s in base]
+        coeffs = coefficients(points) if extra else None  # O(t^2) once, then O(t) per checked share
         for s in extra:
-            if interpolate(points, s.index) != s.values[k]:
+            if _evaluate(coeffs, s.index) != s.values[k]:
                 raise ValueError(f"share {s.index} does not lie on the polynomial of shares "
                                  f"{[b.index for b in base]}: tampered or from another secret")
-        c = interpolate(points, 0)
+        c = coeffs[0] if extra else interpolate(points, 0)
         size = min(CHUNK_BYTES, length - k * CHUNK_BYTES)
         if c >= 1 << (8 * size):
             raise ValueError(f"shares {[b.index for b in base]} reconstruct a value outside the secret's "
