@@ -2,7 +2,8 @@
 ChaCha20 stream cipher of ``cryptography``.
 
 A seed of at least 128 bits (a 256-bit seed from :mod:`defenses.secagg.keys`, or a client's own
-self-mask seed) is the ChaCha20 key; the nonce is fixed per ``(round, purpose)`` (a SHA-256 of
+self-mask seed) is the ChaCha20 key (a seed of 16..31 or over 32 bytes is first stretched to 32
+with HKDF-SHA256); the nonce is fixed per ``(round, purpose)`` (a SHA-256 of
 both), so one seed never reuses a key stream across rounds or between pairwise and self masks.
 Each ring element takes 8 key-stream bytes, read as a little-endian uint64, reduced mod ``2^bits``:
 exactly uniform, because ``2^bits`` divides ``2^64``.
