@@ -19,9 +19,11 @@ ciphertexts adds the vectors slot-wise, with no key. Here, as in HE-based federa
 Ciphertexts travel as ``bytes``: a small header (magic, context fingerprint, length, chunk sizes,
 packed with ``struct``) followed by TenSEAL's own serialization of each chunk; no pickle. The
 fingerprint (SHA-256 of the public context) makes a ciphertext under another key a clear error.
+With the defaults a ciphertext is about 15x its float32 plaintext (100,000 values: 25 chunks,
+5.9 MB against 0.4 MB; tested between 13x and 16x).
 
 Precision: CKKS is approximate. With the defaults, 10 clients x 10,000 values drawn from N(0, 1)
-decrypt to their plaintext sum with a max abs error below ``1e-6`` (measured about 4e-8; tested).
+decrypt to their plaintext sum with a max abs error below ``1e-6`` (measured 2.8e-8; tested).
 Values must stay well below ``2 ** (coeff_mod_bit_sizes[0] - log2(global_scale))`` in magnitude
 (2^20 with the defaults), sums included. The encryption randomness is SEAL's own CSPRNG on purpose
 (a seedable ciphertext would not be secret); the caller's generator draws only the DP noise, so
@@ -107,7 +109,7 @@ def _load_public(public: bytes) -> tuple[ts.Context, bytes]:
         context = ts.context_from(bytes(public))
     except Exception as exc:  # TenSEAL raises its own types on garbage
         raise ValueError(f"public context does not deserialize as a TenSEAL context: {exc}") from exc
-    if context.is_private():
+    if context.has_secret_key():
         raise ValueError("public context holds a secret key: serialize it with save_secret_key=False")
     return context, _fingerprint(bytes(public))
 
@@ -165,7 +167,7 @@ def decrypt(chunks: Sequence[ts.CKKSVector], context: ts.Context, length: int) -
 
     A context without the secret key (a client's or the server's) is a ``ValueError``.
     """
-    if not context.is_private():
+    if not context.has_secret_key():
         raise ValueError("this context holds no secret key: only the key holder can decrypt")
     values = np.concatenate([np.asarray(c.decrypt(context.secret_key()), dtype=np.float64) for c in chunks])
     return torch.from_numpy(values[:length].copy())
@@ -181,7 +183,10 @@ class KeyHolder:
         self._context = ts.context(ts.SCHEME_TYPE.CKKS, self.params.poly_modulus_degree,
                                    coeff_mod_bit_sizes=list(self.params.coeff_mod_bit_sizes))
         self._context.global_scale = self.params.global_scale
-        self._public = self._context.serialize(save_secret_key=False)
+        # Addition needs neither relinearization nor rotation keys: the public context carries the
+        # public key only (about 1 MB less than with TenSEAL's default relinearization keys).
+        self._public = self._context.serialize(save_secret_key=False, save_relin_keys=False,
+                                               save_galois_keys=False)
         self._fingerprint = _fingerprint(self._public)
 
     def public_context(self) -> bytes:
