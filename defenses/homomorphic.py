@@ -133,7 +133,8 @@ def _pack(fingerprint: bytes, length: int, chunks: Sequence[ts.CKKSVector]) -> b
     return b"".join(parts)
 
 
-def _unpack(data: bytes, context: ts.Context, fingerprint: bytes, slots: int) -> tuple[int, list[ts.CKKSVector]]:
+def _frame(data: bytes, fingerprint: bytes, slots: int) -> tuple[int, list[bytes]]:
+    """Check a ciphertext's header and framing (no decoding): ``(length, serialized chunks)``."""
     if not isinstance(data, (bytes, bytearray)):
         raise ValueError(f"ciphertext must be bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -144,7 +145,7 @@ def _unpack(data: bytes, context: ts.Context, fingerprint: bytes, slots: int) ->
         raise ValueError("ciphertext was encrypted under another context (key fingerprint differs)")
     if count != math.ceil(length / slots) or length == 0:
         raise ValueError(f"ciphertext header is inconsistent: {length} values in {count} chunks of {slots} slots")
-    chunks, pos = [], _HEADER.size
+    blobs, pos = [], _HEADER.size
     for _ in range(count):
         if pos + _CHUNK.size > len(data):
             raise ValueError("ciphertext is truncated")
@@ -152,14 +153,23 @@ def _unpack(data: bytes, context: ts.Context, fingerprint: bytes, slots: int) ->
         pos += _CHUNK.size
         if pos + size > len(data):
             raise ValueError("ciphertext is truncated")
-        try:
-            chunks.append(ts.ckks_vector_from(context, data[pos:pos + size]))
-        except Exception as exc:
-            raise ValueError(f"ciphertext chunk does not deserialize: {exc}") from exc
+        blobs.append(data[pos:pos + size])
         pos += size
     if pos != len(data):
         raise ValueError(f"ciphertext has {len(data) - pos} trailing bytes")
-    return length, chunks
+    return length, blobs
+
+
+def _decode(blobs: Sequence[bytes], context: ts.Context) -> list[ts.CKKSVector]:
+    try:
+        return [ts.ckks_vector_from(context, blob) for blob in blobs]
+    except Exception as exc:  # TenSEAL raises its own types on garbage
+        raise ValueError(f"ciphertext chunk does not deserialize: {exc}") from exc
+
+
+def _unpack(data: bytes, context: ts.Context, fingerprint: bytes, slots: int) -> tuple[int, list[ts.CKKSVector]]:
+    length, blobs = _frame(data, fingerprint, slots)
+    return length, _decode(blobs, context)
 
 
 def decrypt(chunks: Sequence[ts.CKKSVector], context: ts.Context, length: int) -> torch.Tensor:
@@ -237,15 +247,20 @@ class CKKSServer(_PublicParty):
 
     def aggregate(self, ciphertexts: Sequence[bytes]) -> bytes:
         """Sum of the ciphertexts (each from :meth:`CKKSClient.encrypt`), as bytes for the key holder."""
-        if isinstance(ciphertexts, (bytes, bytearray)) or len(ciphertexts) == 0:
+        if isinstance(ciphertexts, (bytes, bytearray)) or not (ciphertexts := list(ciphertexts)):
             raise ValueError("aggregate needs a non-empty sequence of ciphertexts (bytes)")
-        loaded = [self.load(c) for c in ciphertexts]
-        length = loaded[0][0]
-        bad = [i for i, (n, _) in enumerate(loaded) if n != length]
+        framed = []
+        for i, ct in enumerate(ciphertexts):  # every header checked before any work is done
+            try:
+                framed.append(_frame(ct, self.fingerprint, self.slot_count))
+            except ValueError as exc:
+                raise ValueError(f"ciphertext {i}: {exc}") from exc
+        length = framed[0][0]
+        bad = [i for i, (n, _) in enumerate(framed) if n != length]
         if bad:
             raise ValueError(f"ciphertexts {bad} have a different length than ciphertext 0 ({length} values)")
-        total = [c.copy() for c in loaded[0][1]]
-        for _, chunks in loaded[1:]:
-            for acc, chunk in zip(total, chunks):
+        total = _decode(framed[0][1], self.context)
+        for _, blobs in framed[1:]:  # one client's ciphertext decoded at a time
+            for acc, chunk in zip(total, _decode(blobs, self.context)):
                 acc.add_(chunk)
         return _pack(self.fingerprint, length, total)

@@ -1,5 +1,6 @@
 """CKKS aggregation (defenses.homomorphic): exact-enough sums, a server that cannot decrypt, HE + DP noise."""
 import math
+import struct
 
 import pytest
 import tenseal as ts
@@ -112,8 +113,11 @@ def test_bad_ciphertexts_and_inputs(public):
         server.aggregate([])
     with pytest.raises(ValueError, match="non-empty sequence"):
         server.aggregate(ct)
-    with pytest.raises(ValueError, match="truncated"):
-        server.aggregate([ct[:-10]])
+    with pytest.raises(ValueError, match="ciphertext 1: ciphertext is truncated"):
+        server.aggregate([ct, ct[:-10]])
+    head = ct[:struct.calcsize(">8s16sQI")]  # a valid header, then one chunk of garbage
+    with pytest.raises(ValueError, match="does not deserialize"):
+        server.aggregate([head + struct.pack(">Q", 64) + b"\x07" * 64])
     with pytest.raises(ValueError, match="trailing"):
         server.aggregate([ct + b"x"])
     with pytest.raises(ValueError, match="bad header"):
