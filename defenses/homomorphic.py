@@ -24,8 +24,11 @@ With the defaults a ciphertext is about 15x its float32 plaintext (100,000 value
 
 Precision: CKKS is approximate. With the defaults, 10 clients x 10,000 values drawn from N(0, 1)
 decrypt to their plaintext sum with a max abs error below ``1e-6`` (measured 2.8e-8; tested).
-Values must stay well below ``2 ** (coeff_mod_bit_sizes[0] - log2(global_scale))`` in magnitude
-(2^20 with the defaults), sums included. The encryption randomness is SEAL's own CSPRNG on purpose
+Magnitudes: nothing is rescaled, so a value times the scale must fit the data primes' modulus
+(all primes but the last, 100 bits with the defaults); every value and every sum must stay below
+:attr:`CKKSParameters.max_magnitude` (2^58 with the defaults, half the wrap-around point). A client
+refuses larger values (``ValueError``); the sum of ``n`` clients is safe when each stays below
+``max_magnitude / n`` (a wrapped sum cannot be told from a right one after decryption). The encryption randomness is SEAL's own CSPRNG on purpose
 (a seedable ciphertext would not be secret); the caller's generator draws only the DP noise, so
 the same seed gives the same decrypted sum up to that error.
 
@@ -91,6 +94,11 @@ class CKKSParameters:
         if math.log2(scale) >= bits[0]:
             raise ValueError(f"global_scale 2^{math.log2(scale):.1f} leaves no integer bits under the first "
                              f"coefficient prime ({bits[0]} bits): lower global_scale or raise coeff_mod_bit_sizes[0]")
+
+    @property
+    def max_magnitude(self) -> float:
+        """Largest safe ``|value|`` and ``|sum|``: ``2 ** (sum(data prime bits) - log2(scale) - 2)``."""
+        return 2.0 ** (sum(self.coeff_mod_bit_sizes[:-1]) - math.log2(self.global_scale) - 2)
 
     @property
     def slot_count(self) -> int:
@@ -212,7 +220,10 @@ class KeyHolder:
 class _PublicParty:
     def __init__(self, public: bytes):
         self.context, self.fingerprint = _load_public(public)
-        self.slot_count = self.context.seal_context().data.key_context_data().parms().poly_modulus_degree() // 2
+        data = self.context.seal_context().data
+        self.slot_count = data.key_context_data().parms().poly_modulus_degree() // 2
+        data_bits = data.first_context_data().total_coeff_modulus_bit_count()  # all primes but the special one
+        self.max_magnitude = 2.0 ** (data_bits - math.log2(self.context.global_scale) - 2)
 
     def load(self, ciphertext: bytes) -> tuple[int, list[ts.CKKSVector]]:
         """Deserialize ``ciphertext`` under this party's public context (checked: header and key)."""
@@ -237,6 +248,10 @@ class CKKSClient(_PublicParty):
                 raise ValueError("noise_std > 0 needs a torch.Generator (generator=) for the noise")
             noise = torch.randn(arr.size, generator=generator, dtype=torch.float64).numpy()
             arr = arr + noise_std * noise
+        peak = float(np.abs(arr).max())
+        if peak >= self.max_magnitude:
+            raise ValueError(f"vector has |value| {peak:.3g} >= max_magnitude {self.max_magnitude:.3g} of these "
+                             f"CKKS parameters: scale the values down or use more coefficient modulus bits")
         n = self.slot_count
         chunks = [ts.ckks_vector(self.context, arr[i:i + n].tolist()) for i in range(0, arr.size, n)]
         return _pack(self.fingerprint, arr.size, chunks)

@@ -154,3 +154,15 @@ def test_same_seed_same_noisy_sum(holder, public):
     c = _sum(holder, public, xs, noise_std=0.1, generator=torch.Generator().manual_seed(8))
     assert (a - b).abs().max().item() < TOLERANCE
     assert (a - c).abs().max().item() > 0.01
+
+
+def test_magnitude_bound_refused_above_exact_below_and_wraps_far_beyond(holder, public):
+    top = CKKSParameters().max_magnitude
+    assert top == 2.0 ** 58 and CKKSClient(public).max_magnitude == top
+    with pytest.raises(ValueError, match="max_magnitude"):
+        CKKSClient(public).encrypt(torch.tensor([1.0, -top]))
+    near = torch.full((4,), 0.49 * top, dtype=torch.float64)
+    total = _sum(holder, public, [near, -near / 2, near])  # |sum| = 0.735 max_magnitude
+    assert torch.allclose(total, 1.5 * near, rtol=1e-9, atol=0)
+    wrapped = _sum(holder, public, [2 * near] * 4)  # each client below the bound, the sum 4x above
+    assert ((wrapped - 8 * near).abs() / (8 * near)).min().item() > 0.5
