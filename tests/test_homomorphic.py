@@ -89,8 +89,10 @@ def test_public_context_with_secret_key_is_refused():
 
 
 def test_ciphertexts_are_bytes_and_expand_about_15x(public):
-    ct = CKKSClient(public).encrypt(torch.zeros(100_000))
+    client = CKKSClient(public)
+    ct = client.encrypt(torch.zeros(100_000))
     assert isinstance(ct, bytes) and ct.startswith(b"LLCKKS1\x00")
+    assert len(client.load(ct)[1]) == 25  # ceil(100,000 / 4,096) chunks
     expansion = len(ct) / (100_000 * 4)  # against float32 plaintext
     assert 13 < expansion < 16, expansion
 
