@@ -74,7 +74,7 @@ def encode_tensor(tensor: torch.Tensor) -> bytes:
         raise ValueError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.layout is not torch.strided:
         raise ValueError(f"tensor must be dense (strided), got layout {tensor.layout}")
-    t = tensor.detach().cpu().contiguous()
+    t = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous()
     raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else torch.empty(0, dtype=torch.uint8).numpy()
     if sys.byteorder != "little" and t.element_size() > 1:
         raw = raw.reshape(-1, t.element_size())[:, ::-1]

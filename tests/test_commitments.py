@@ -59,6 +59,18 @@ def test_encoding_is_canonical_across_layout_and_grad(update):
     assert encode_tensor(torch.ones(2, 0)) != encode_tensor(torch.ones(0, 2))
     assert encode_tensor(torch.tensor(1.0)) != encode_tensor(torch.tensor([1.0]))
     assert encode_tensor(torch.tensor([1], dtype=torch.int32)) != encode_tensor(torch.tensor([1.0]))
+    z = torch.tensor([1 + 2j, -3j])
+    assert encode_tensor(z.conj()) == encode_tensor(torch.tensor([1 - 2j, 3j]))  # lazy conj resolved
+    assert encode_tensor(-update) == encode_tensor((-update).clone())
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int64, torch.float16, torch.bfloat16,
+                                   torch.float32, torch.complex64])
+def test_every_dense_dtype_commits_and_opens(dtype):
+    t = torch.arange(6).reshape(2, 3).to(dtype)
+    c, opening = commit(t, "client:0", 0)
+    assert verify(c, t.clone(), opening, "client:0", 0)
+    assert not verify(c, torch.zeros_like(t), opening, "client:0", 0)
 
 
 def test_check_openings_releases_all_when_all_verify(update):
