@@ -40,3 +40,4 @@ __all__ = ["ATTACKS", "AnalyticFC", "DLG", "IDLG", "POISONING", "Attack", "Attac
            "FeatureSpaceHijacking", "GaussianUpdate", "GradientInversion", "InvertingGradients", "LabelCounts", "InverseNetwork", "NormAttack", "QueryFree", "ScaledUpdate", "SignFlip", "UnSplit",
            "UnSplitLabels", "WhiteBoxInversion", "imprint_block", "label_counts", "leak_auc_summary", "per_batch_auc"]
 from attacks.explorer import EXPLORER_ATTACKS  # noqa: E402  (the leakage explorer's registry)
+__all__ += ["EXPLORER_ATTACKS"]

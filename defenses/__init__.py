@@ -9,16 +9,23 @@ Here now:
   gradient defenses for federated updates, pruning, quantization, noise (Zhu et al., 2019);
   splintering's shares and decoys (Vepakomma, Balla, Raskar, 2020); local DP (the Gaussian mechanism);
 - wrappers: DP-SGD through Opacus for a party (dp, dp_split) and DP-FedAvg (McMahan et al., 2018),
-  all accounted by toolkit.accounting.
+  all accounted by toolkit.accounting;
+- aggregation building blocks (the protocols over the Wire come next): secure aggregation's
+  primitives after Bonawitz et al. (2017) in ``defenses.secagg`` (X25519 + HKDF seeds, ChaCha20
+  masks, Shamir sharing, fixed-point ring encoding), homomorphic aggregation with CKKS through
+  TenSEAL (homomorphic), and hash commitments for verifiable participation (commitments).
 """
 from defenses.activations import ACTIVATION_DEFENSES, Clip, CutDropout, GaussianNoise, LaplaceNoise, Quantize
+from defenses.commitments import Opening, check_openings, commit, verify
 from defenses.dp import DPSGD, make_private
 from defenses.dp_federated import DPFedAvg
 from defenses.dp_local import GaussianMechanism
 from defenses.dp_split import DPClients, DPParty, private_clients, private_party
 from defenses.gradients import GRADIENT_DEFENSES, GradientNoise, GradientPruning, GradientQuantization
+from defenses.homomorphic import CKKSClient, CKKSParameters, CKKSServer, KeyHolder
 from defenses.labels import IsotropicNoise, Marvell, MaxNorm
 from defenses.nopeek import NoPeek, NoPeekLoss
+from defenses.secagg import FixedPoint, KeyPair, expand, masked_input, reconstruct, share
 from defenses.splitguard import SplitGuard, guarded_split_training
 from defenses.splintering import Splinter, inner_products, outsource, splintered, span_attack
 from defenses.splintering_split import SplinteredLayer, first_linear
@@ -30,6 +37,10 @@ __all__ = [
     "IsotropicNoise", "Marvell", "MaxNorm",
     "NoPeek", "NoPeekLoss",
     "SplitGuard", "guarded_split_training",
+    "Opening", "check_openings", "commit", "verify",
+    "CKKSClient", "CKKSParameters", "CKKSServer", "KeyHolder",
+    "FixedPoint", "KeyPair", "expand", "masked_input", "reconstruct", "share",
     "Splinter", "inner_products", "outsource", "splintered", "span_attack", "SplinteredLayer", "first_linear",
 ]
 from defenses.explorer import EXPLORER_DEFENSES  # noqa: E402  (the leakage explorer's registry)
+__all__ += ["EXPLORER_DEFENSES"]
