@@ -152,6 +152,19 @@ class SplitExperiment:
         seed_everything(seed)
         return models.cut(models.build(self.model, **self.model_options), at=self.cut)
 
+    def build(self, defense: Any = None, *, seed: int = 0,
+              data: datasets.Dataset | None = None) -> tuple[SplitNN, list[Any]]:
+        """The untrained split deployment :meth:`run` trains: freshly seeded parts, ``defense`` (what a
+        defense factory returns) as hooks of ``defended`` and Wire transforms; returns the SplitNN and
+        the defense's parts (hooks, then transforms)."""
+        ds = data if data is not None else self.load()
+        hooks, transforms = _split_defense(defense)
+        client, server = self.parts(seed)
+        wire = Wire(transforms=transforms, record=self.record_training)
+        sl = SplitNN.vanilla(client, server, ds, labels=self.labels, config=self._config(seed), wire=wire,
+                             hooks={self.defended: hooks[0]} if hooks else None)
+        return sl, [*hooks, *transforms]
+
     def run(self, defense: Any = None, *, attack: AttackFn | None = None, seed: int = 0,
             data: datasets.Dataset | None = None) -> dict[str, Any]:
         """Train with ``defense`` (what a defense factory returns) and score it.
@@ -164,19 +177,15 @@ class SplitExperiment:
         ``train_seconds`` / ``attack_seconds``. A run whose activations diverged has both NaN.
         """
         ds = data if data is not None else self.load()
-        hooks, transforms = _split_defense(defense)
-        client, server = self.parts(seed)
-        wire = Wire(transforms=transforms, record=self.record_training)
-        sl = SplitNN.vanilla(client, server, ds, labels=self.labels, config=self._config(seed), wire=wire,
-                             hooks={self.defended: hooks[0]} if hooks else None)
+        sl, parts = self.build(defense, seed=seed, data=ds)
         start = time.perf_counter()
         sl.fit(epochs=self.epochs)
         train_seconds = time.perf_counter() - start
         sl.wire.recording = True  # what the server receives at evaluation is always kept: it is scored
         scores = sl.evaluate()
-        row: dict[str, Any] = {"accuracy": scores["accuracy"], "loss": scores["loss"], **self._dcor(sl, ds),
+        row: dict[str, Any] = {"accuracy": scores["accuracy"], "loss": scores["loss"], **self.dcor(sl, ds),
                                "bytes": sl.wire.total_bytes}
-        for part in [*hooks, *transforms]:
+        for part in parts:
             report = getattr(part, "report", None)
             if callable(report):
                 row.update(report())
@@ -188,7 +197,7 @@ class SplitExperiment:
         row["seconds"] = train_seconds + row.get("attack_seconds", 0.0)
         return row
 
-    def _dcor(self, sl: SplitNN, ds: datasets.Dataset) -> dict[str, float]:
+    def dcor(self, sl: SplitNN, ds: datasets.Dataset) -> dict[str, float]:
         """dCor(test inputs, what the server received for them at evaluation), plain and
         bias-corrected, on ``n_eval`` samples (the bias-corrected one needs at least 4)."""
         seen = sl.wire.observed(by="server", kind="activations", phase="eval")

@@ -36,9 +36,8 @@ from torch import Tensor, nn
 from toolkit import data as datasets
 from toolkit import metrics, models, validate
 from toolkit.data.folders import _find
-from toolkit.experiments import SplitExperiment, _split_defense
-from toolkit.split import SplitNN
-from toolkit.wire import Transfer, Wire
+from toolkit.experiments import SplitExperiment
+from toolkit.wire import Transfer
 
 __all__ = ["DATASETS", "DefenseOption", "ExplorerSession", "Outcome", "Setting", "Target", "model_options",
            "cut_layers"]
@@ -309,13 +308,9 @@ class ExplorerSession:
             return hit, True
         ds, exp = self.dataset(s.dataset), self.experiment(s)
         made = self.defenses[s.defense](float(s.strength), torch.Generator().manual_seed(s.seed))
-        hooks, transforms = _split_defense(made)
-        client, server = exp.parts(s.seed)
-        config = exp._config(s.seed)
-        wire = Wire(transforms=transforms, record=exp.record_training)
-        sl = SplitNN.vanilla(client, server, ds, config=config, wire=wire,
-                             hooks={exp.defended: hooks[0]} if hooks else None)
-        total = s.epochs * -(-sl.n_train // config.batch_size)
+        sl, _ = exp.build(made, seed=s.seed, data=ds)
+        client = sl.parties[0].modules[0]  # the client's part: the first stage's only module
+        total = s.epochs * -(-sl.n_train // sl.config.batch_size)
         self.trainings += 1
         done = 0
         for _ in sl.train_steps(total):  # the one split training loop, one step at a time
@@ -325,7 +320,7 @@ class ExplorerSession:
                 break
         sl.wire.recording = True  # the eval activations cross the wire: dCor and the attack read them
         accuracy = sl.evaluate()["accuracy"]
-        dcor = exp._dcor(sl, ds)["dcor"]
+        dcor = exp.dcor(sl, ds)["dcor"]
         first = sl.wire.observed(by="server", kind="activations", phase="eval")[0]  # evaluation runs in order
         observed = [dataclasses.replace(first, tensor=first.tensor[: self.n_attack])]
         client.eval()
