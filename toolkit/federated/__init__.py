@@ -9,7 +9,8 @@ from toolkit.federated.executors import EXECUTORS, SequentialExecutor, Vectorize
 from toolkit.federated.fedavg import FederatedAveraging
 from toolkit.federated.privacy import LocalDPAccountant
 from toolkit.federated.server import SERVER_OPTIMIZERS
+from toolkit.federated.wire_aggregation import Aggregate, PlainSum, Uploads, WireAggregator
 
 __all__ = ["AGGREGATORS", "COMPRESSORS", "ClientData", "EXECUTORS", "FedConfig", "FederatedAveraging", "LOSSES", "LocalDPAccountant",
            "RoundPlan", "SERVER_OPTIMIZERS", "SequentialExecutor", "VectorizedExecutor", "make_aggregator",
-           "make_compressor", "make_executor", "plan_round"]
+           "make_compressor", "make_executor", "plan_round", "Aggregate", "PlainSum", "Uploads", "WireAggregator"]

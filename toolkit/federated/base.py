@@ -53,6 +53,7 @@ class FederatedProtocol:
     """
 
     name = "federated"
+    wire_aggregation = False  # whether a WireAggregator (secure, homomorphic aggregation) can run its rounds
 
     def __init__(self, model: nn.Module, clients: Sequence | ClientData, *, test: Any = None,
                  config: FedConfig | None = None, wire: Wire | None = None,
@@ -79,6 +80,12 @@ class FederatedProtocol:
                 raise ValueError(f"unknown aggregator {aggregator!r}; choose one of {sorted(AGGREGATORS)}")
             aggregator = make_aggregator(aggregator)
         self.aggregator = aggregator
+        if callable(getattr(aggregator, "over_wire", None)) and not self.wire_aggregation:
+            raise ValueError(f"{aggregator!r} runs a synchronous protocol round over the Wire: use it with "
+                             f"FederatedAveraging, not {type(self).__name__}")
+        if compressor is not None and callable(getattr(aggregator, "over_wire", None)):
+            raise ValueError(f"{aggregator!r} sends its own messages over the Wire (masked or encrypted "
+                             f"inputs): it cannot be combined with a compressor ({compressor!r})")
         self.compressor = compressor
         self.malicious = dict(malicious or {})
         bad = [c for c in self.malicious if not 0 <= c < len(self.data)]
@@ -270,6 +277,7 @@ class FederatedProtocol:
         return manifest(self.config, protocol=type(self).__name__, round=self.round,
                         executor=self._executor_ran(), executor_fallback=getattr(self.executor, "fallback", None),
                         aggregator=repr(self.aggregator), compressor=repr(self.compressor),
+                        aggregation=_aggregation_manifest(self.aggregator),
                         malicious={c: repr(f) for c, f in self.malicious.items()},
                         clients=len(self.data), parameters=len(self.weights))
 
@@ -379,6 +387,13 @@ class FederatedProtocol:
         return (f"{type(self).__name__}({self.data!r}, round {self.round}, executor={executor}, "
                 f"aggregator={self.aggregator!r}, compressor={self.compressor!r}, "
                 f"{len(self.malicious)} malicious)")
+
+
+def _aggregation_manifest(aggregator: Any) -> dict[str, Any]:
+    """The aggregation protocol's auditable record (a wire aggregator's ``manifest()``: protocol,
+    version, cryptographic and DP parameters), or its name for a plain aggregator."""
+    record = getattr(aggregator, "manifest", None)
+    return dict(record()) if callable(record) else {"protocol": getattr(aggregator, "name", type(aggregator).__name__)}
 
 
 def _finite_rows(rows: Tensor) -> Tensor:

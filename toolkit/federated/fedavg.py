@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -9,9 +10,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from toolkit.federated.base import FederatedProtocol
+from toolkit.federated.base import FederatedProtocol, _finite_rows
 from toolkit.federated.privacy import LocalDPAccountant
 from toolkit.federated.server import make_server_optimizer
+from toolkit.federated.wire_aggregation import Uploads, WireAggregator
 from toolkit.progress import progress
 from toolkit.validate import non_negative
 
@@ -46,6 +48,7 @@ class FederatedAveraging(FederatedProtocol):
     """
 
     name = "fedavg"
+    wire_aggregation = True
 
     def __init__(self, *args: Any, delays: Any = None, monitors: Sequence[Callable[..., Any]] = (), **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -82,14 +85,22 @@ class FederatedAveraging(FederatedProtocol):
             if self._updates is None or len(self._updates) < m:
                 self._updates = torch.empty(max(m, plan.sampled), len(self.weights), dtype=self.weights.dtype)
             updates, losses = self._local_train(received_weights, plan, out=self._updates[:m])
-            received, kept, bytes_up = self._upload(updates, plan.clients)
-            rejected = len(plan.clients) - len(kept)
             loss = float(losses.mean())
-            if len(kept):
-                weights = self.data.counts[kept].double()
-                self.weights = self.server_optimizer.step(self.weights, self.aggregator(received, weights))
-        if self.delays is not None and len(plan.clients):
-            self.clock += float(self.delays.draw(plan.clients, self.generator).max())
+            if isinstance(self.aggregator, WireAggregator):
+                durations = self.delays.draw(plan.clients, self.generator) if self.delays is not None else None
+                kept, bytes_up, extra = self._wire_aggregate(updates, plan.clients, durations)
+                bytes_down += extra
+                rejected = len(plan.clients) - len(kept)
+                if durations is not None:
+                    self.clock += float(durations.max())
+            else:
+                received, kept, bytes_up = self._upload(updates, plan.clients)
+                rejected = len(plan.clients) - len(kept)
+                if len(kept):
+                    weights = self.data.counts[kept].double()
+                    self.weights = self.server_optimizer.step(self.weights, self.aggregator(received, weights))
+                if self.delays is not None:
+                    self.clock += float(self.delays.draw(plan.clients, self.generator).max())
         self.round += 1
         row: dict[str, Any] = {"round": self.round, "loss": loss}
         if self.round % self.config.eval_every == 0:
@@ -99,6 +110,37 @@ class FederatedAveraging(FederatedProtocol):
                     "time": self.clock if self.delays is not None else float("nan")})
         row.update(self._reports(plan))
         row["seconds"] = time.perf_counter() - start
+        return row
+
+    def _wire_aggregate(self, updates: Tensor, clients: Tensor, durations: Tensor | None) -> tuple[Tensor, int, int]:
+        """Aggregate with a :class:`WireAggregator` (it sends its own messages); returns (the clients
+        whose update is in the aggregate, bytes up, bytes down). A client whose update holds NaN/Inf
+        does not take part (with a warning): it could not encode it."""
+        finite = _finite_rows(updates)
+        if not bool(finite.all()):
+            bad = clients[~finite].tolist()
+            warnings.warn(f"round {self.round + 1}: clients {[self.data.names[i] for i in bad]} hold non-finite "
+                          f"(NaN/Inf) updates and do not take part", RuntimeWarning, stacklevel=4)
+            updates, clients = updates[finite], clients[finite]
+            durations = durations[finite] if durations is not None else None
+        if not len(clients):
+            self._wire_report = {}
+            return clients, 0, 0
+        times = durations if durations is not None else self.data.counts[clients]
+        uploads = Uploads(updates, tuple(self.data.names[i] for i in clients.tolist()),
+                          self.data.counts[clients].double(), times.double(), self.round + 1, self.generator)
+        result = self.aggregator.over_wire(self.wire, uploads)
+        index = {name: i for i, name in enumerate(self.data.names)}
+        kept = torch.tensor([index[n] for n in result.included], dtype=torch.long)
+        if len(kept):
+            self.weights = self.server_optimizer.step(self.weights, result.update.to(self.weights.dtype))
+        self._wire_report = dict(result.report)
+        return kept, result.bytes_up, result.bytes_down
+
+    def _reports(self, plan: Any) -> dict[str, Any]:
+        row = super()._reports(plan)
+        if isinstance(self.aggregator, WireAggregator):
+            row = {**getattr(self, "_wire_report", {}), **row}
         return row
 
     def _extra_state(self) -> dict[str, Any]:
