@@ -113,7 +113,8 @@ class FederatedAveraging(FederatedProtocol):
         return row
 
     def _wire_aggregate(self, updates: Tensor, clients: Tensor, durations: Tensor | None) -> tuple[Tensor, int, int]:
-        """Aggregate with a :class:`WireAggregator` (it sends its own messages); returns (the clients
+        """Aggregate with a :class:`WireAggregator` (it sends its own messages, clients in the order
+        their uploads reach the server: ``Uploads.times``); returns (the clients
         whose update is in the aggregate, bytes up, bytes down). A client whose update holds NaN/Inf
         does not take part (with a warning): it could not encode it."""
         finite = _finite_rows(updates)
@@ -129,6 +130,8 @@ class FederatedAveraging(FederatedProtocol):
         times = durations if durations is not None else self.data.counts[clients]
         uploads = Uploads(updates, tuple(self.data.names[i] for i in clients.tolist()),
                           self.data.counts[clients].double(), times.double(), self.round + 1, self.generator)
+        # Messages reach the server in the order they finish (a side channel a shuffling wrapper hides)
+        uploads = uploads.subset(torch.argsort(uploads.times, stable=True))
         result = self.aggregator.over_wire(self.wire, uploads)
         index = {name: i for i, name in enumerate(self.data.names)}
         kept = torch.tensor([index[n] for n in result.included], dtype=torch.long)

@@ -48,7 +48,8 @@ class Uploads:
         weights: ``(M,)`` float64 sample counts (FedAvg's weights).
         times: ``(M,)`` float64 simulated times at which each client's upload would reach the
             server (the round's delays when the protocol has them, else each client's sample
-            count: compute time grows with data). A side channel: see ``defenses`` shuffling.
+            count: compute time grows with data). The engine hands the uploads over sorted by it
+            (arrival order): the order and the times are a side channel, hidden by shuffling.
         round: the 1-based round number (binds commitments and mask streams to the round).
         generator: the protocol's generator, for every random draw (dropouts, noise, cohorts).
     """
