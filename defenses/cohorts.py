@@ -42,7 +42,8 @@ simulated work together), ``cohorts_combine_seconds`` (the server combining the 
 aggregates), and the inner reports merged: numbers whose name has a word of :data:`ADDITIVE`
 (``bytes``, ``dropped``, ``seconds``, ...; e.g. ``secagg_dropped_masked``, ``server_seconds``) summed
 over the cohorts (``server_seconds`` then also includes the combination), other values (ring bits,
-epsilon, a mode) kept when every cohort agrees, else the tuple of the cohorts' values. Bytes up and down are the cohorts' sums.
+epsilon, a mode) kept when every cohort agrees, else the tuple of the cohorts' values. Bytes up
+and down are the cohorts' sums.
 
 Example:
     >>> from toolkit.federated.wire_aggregation import PlainSum, Uploads
@@ -106,7 +107,8 @@ class Cohorts(WireAggregator):
     def __init__(self, make_inner: Callable[[], WireAggregator], *, size: int):
         if isinstance(make_inner, WireAggregator) or not callable(make_inner):
             raise ValueError(f"make_inner must be a callable that makes a WireAggregator (e.g. the class "
-                             f"SecureAggregation or a lambda: each cohort and round gets a fresh one), got {make_inner!r}")
+                             f"SecureAggregation or a lambda: each cohort and round gets a fresh one), "
+                             f"got {make_inner!r}")
         self.size = positive_int("size", size)
         if self.size < 2:
             raise ValueError(f"size must be at least 2, got {size!r}: a cohort of one client releases its "
