@@ -39,10 +39,11 @@ and, for the server, single out the failed cohort).
 History columns (``Aggregate.report``): ``cohorts`` (count), ``cohort_min`` and ``cohort_max``
 (sizes), ``cohorts_seconds`` (wall-clock of the cohorts' inner rounds, clients' and server's
 simulated work together), ``cohorts_combine_seconds`` (the server combining the cohort
-aggregates), and the inner reports merged: numbers whose name has a word of :data:`ADDITIVE`
-(``bytes``, ``dropped``, ``seconds``, ...; e.g. ``secagg_dropped_masked``, ``server_seconds``) summed
-over the cohorts (``server_seconds`` then also includes the combination), other values (ring bits,
-epsilon, a mode) kept when every cohort agrees, else the tuple of the cohorts' values. Bytes up
+aggregates), and the inner reports merged: counts (ints) whose name has a word of :data:`ADDITIVE`
+(``bytes``, ``dropped``, ...; e.g. ``secagg_dropped_masked``) and ``*seconds`` summed over the
+cohorts (``server_seconds`` then also includes the combination), other values (ring bits, a
+clipped fraction, epsilon, a mode) kept when every cohort agrees, else the tuple of the cohorts'
+values. Bytes up
 and down are the cohorts' sums.
 
 Example:
@@ -71,7 +72,7 @@ from toolkit.wire import Wire
 __all__ = ["Cohorts", "partition", "ADDITIVE"]
 
 # Report columns that add up over cohorts: a number whose name has one of these words (split at "_")
-ADDITIVE = frozenset({"bytes", "dropped", "seconds", "rejected", "excluded", "clients", "clipped", "count"})
+ADDITIVE = frozenset({"bytes", "dropped", "seconds", "rejected", "excluded", "unopened", "clients", "count"})
 
 
 def partition(n: int, size: int, generator: torch.Generator) -> list[Tensor]:
@@ -183,15 +184,16 @@ class Cohorts(WireAggregator):
 
 
 def _merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """The cohorts' report columns as one row: numbers named with a word of :data:`ADDITIVE` summed,
-    other values kept when every cohort agrees, else the tuple of the cohorts' values (a cohort
-    without the key: None)."""
+    """The cohorts' report columns as one row: ints named with a word of :data:`ADDITIVE` and
+    ``*seconds`` summed, other values kept when every cohort agrees, else the tuple of the cohorts'
+    values (a cohort without the key: None)."""
     keys = list(dict.fromkeys(k for r in reports for k in r))
     out: dict[str, Any] = {}
     for key in keys:
         values = [r.get(key) for r in reports]
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        if numbers and ADDITIVE & set(key.split("_")):
+        words = set(key.split("_"))
+        if numbers and ADDITIVE & words and ("seconds" in words or all(isinstance(v, int) for v in values)):
             out[key] = sum(values)
         elif all(v == values[0] for v in values[1:]):
             out[key] = values[0]

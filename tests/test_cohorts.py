@@ -153,10 +153,12 @@ def test_an_inner_that_includes_a_stranger_is_refused():
 
 def test_reports_are_merged_over_cohorts():
     def report(uploads):
-        return {"secagg_dropped_masked": 1, "server_seconds": 0.25, "ring_bits": 20, "n": len(uploads.names)}
+        return {"secagg_dropped_masked": 1, "server_seconds": 0.25, "ring_bits": 20, "n": len(uploads.names),
+                "secagg_clipped": 0.5 / len(uploads.names), "secagg_bytes_share": 10 * len(uploads.names)}
     result = Cohorts(_recorder([], report=report), size=3).over_wire(Wire(), _uploads(10))  # cohorts of 4, 3, 3
     rep = result.report
     assert rep["secagg_dropped_masked"] == 3 and rep["ring_bits"] == 20 and sorted(rep["n"]) == [3, 3, 4]
+    assert rep["secagg_bytes_share"] == 100 and sorted(rep["secagg_clipped"]) == [0.125, 0.5 / 3, 0.5 / 3]
     assert rep["server_seconds"] == pytest.approx(0.75 + rep["cohorts_combine_seconds"])
     assert rep["cohorts_seconds"] > 0
 
