@@ -5,8 +5,7 @@ once, and the ring elements ``randint``/``integers`` would draw from them. What 
 over 32-bit seeds needs (:mod:`attacks.seed_recovery`); exact against NumPy itself (tested).
 
 Written by hand because NumPy seeds one generator per call: a Python loop over 2^16 seeds spends
-its time constructing generators (measured: ~6,000 ``RandomState`` and ~35,000 ``default_rng``
-constructions a second on one core), while the state recurrences below run on arrays of 65,536
+its time constructing generators (thousands a second: see :mod:`attacks.seed_recovery`), while the state recurrences below run on arrays of 65,536
 seeds in a few hundred vector operations. The algorithms are NumPy's (``numpy/random/src/
 mt19937``, ``pcg64``, ``_bounded_integers``, ``bit_generator.pyx``): Matsumoto and Nishimura,
 "Mersenne Twister: a 623-dimensionally equidistributed uniform pseudo-random number generator"

@@ -20,11 +20,13 @@ itself, over all ``d`` elements; the first that passes is the seed, and ``x = y 
 exactly. A wrong seed passes with probability ``p^d``: the search refuses to run when
 ``seeds * p^d > 1e-6`` (a vector too short, or a ring too small against the bound, to tell).
 
-Measured on this machine (one core, ``torch.set_num_threads(1)``): about 10^6 seeds a second
-vectorized (NumPy's own constructors: ~6,000 ``RandomState`` or ~35,000 ``default_rng`` a second),
-so a 2^16 space takes a fraction of a second, and all of 2^32 about an hour on one core: minutes on
-a small cluster. ChaCha20 masks keyed by >= 128-bit seeds (``defenses.secagg.masks``) leave
-2^128 candidates: ~10^25 years at this rate, ~10^13 years at 10^18 seeds a second.
+Measured once on the (shared, 2-core) development machine, one core (``torch.set_num_threads(1)``):
+0.8 to 3 million seeds a second vectorized (with the machine's load), against 2,500 to 6,000 ``RandomState`` and 12,000 to
+35,000 ``default_rng`` constructions a second in a Python loop; a planted seed at the end of a 2^16
+space is found in under 0.1 s, of a 2^20 space in 0.3 to 1 s, and all of 2^32 would take 0.4 to 1.5
+hours on one core (minutes on a small cluster). ``run`` reports the rate it achieved and the same
+extrapolations. ChaCha20 masks keyed by >= 128-bit seeds (``defenses.secagg.masks``) leave 2^128
+candidates: ~10^25 years at this rate, ~10^13 years at 10^18 seeds a second.
 
 Threat model: an honest-but-curious server that knows every mask term of ``y`` but one, whose seed
 is a 32-bit NumPy seed: e.g. the pairwise mask of two clients with the self mask's seed revealed
