@@ -21,8 +21,8 @@ exactly. A wrong seed passes with probability ``p^d``: the search refuses to run
 ``seeds * p^d > 1e-6`` (a vector too short, or a ring too small against the bound, to tell).
 
 Measured once on the (shared, 2-core) development machine, one core (``torch.set_num_threads(1)``):
-0.8 to 3 million seeds a second vectorized (with the machine's load), against 2,500 to 6,000 ``RandomState`` and 12,000 to
-35,000 ``default_rng`` constructions a second in a Python loop; a planted seed at the end of a 2^16
+0.8 to 3 million seeds a second vectorized (with the machine's load), against 2,500 to 6,000
+``RandomState`` and 12,000 to 35,000 ``default_rng`` constructions a second in a Python loop; a planted seed at the end of a 2^16
 space is found in under 0.1 s, of a 2^20 space in 0.3 to 1 s, and all of 2^32 would take 0.4 to 1.5
 hours on one core (minutes on a small cluster). ``run`` reports the rate it achieved and the same
 extrapolations. ChaCha20 masks keyed by >= 128-bit seeds (``defenses.secagg.masks``) leave 2^128
