@@ -1,7 +1,8 @@
 """Secure aggregation after Bonawitz et al., "Practical secure aggregation for privacy-preserving
-machine learning" (CCS 2017): the cryptographic primitives, each usable and tested on its own.
+machine learning" (CCS 2017): the cryptographic primitives, each usable and tested on its own, and the
+protocol built on them.
 
-Built:
+Primitives:
 
 - :mod:`~defenses.secagg.keys`: X25519 key pairs (``cryptography``), public keys as 32 raw bytes or
   a ``uint8`` tensor, agreement to a 256-bit seed by HKDF-SHA256 bound to both client ids in
@@ -11,13 +12,18 @@ Built:
 - :mod:`~defenses.secagg.shamir`: t-of-n Shamir sharing of byte secrets over GF(2^127 - 1) with
   the OS's cryptographic RNG, reconstruction from any t shares with checks of every further share;
 - :mod:`~defenses.secagg.encoding`: fixed-point encoding into Z_{2^bits} with the ring sized so that
-  the sum of n clients cannot wrap, and ring arithmetic.
+  the sum of n clients cannot wrap, and ring arithmetic;
+- :mod:`~defenses.secagg.aead`: ChaCha20-Poly1305 sealing of the shares between clients, bound to
+  sender, recipient and round.
 
-Not built yet: the four protocol rounds (advertise keys, share keys, masked input, unmask) over the
-Wire with byte counts and the server's transcript; dropout recovery as a protocol (the server
-collecting shares of dropped clients' keys and survivors' self-mask seeds); authenticated
-encryption of the shares between clients; commitments; SecAgg+ (Bell et al., 2020); the
-aggregator plugged into the federated engine.
+Protocol:
+
+- :mod:`~defenses.secagg.protocol`: :func:`secure_sum`, the four rounds (advertise keys, share keys,
+  masked input, unmask) over the Wire with dropout recovery at every stage, byte counts per stage,
+  hash commitments to the masked inputs, and SecAgg+ neighbourhoods (Bell et al., 2020); the two
+  sides in :mod:`~defenses.secagg.protocol_client` and :mod:`~defenses.secagg.protocol_server`,
+  the message layouts in :mod:`~defenses.secagg.wireformat`;
+- the aggregator plugged into the federated engine: :class:`defenses.secure_aggregation.SecureAggregation`.
 
 Example (three clients, nobody drops; the server sees only the ``y``):
     >>> import os, torch
@@ -36,6 +42,9 @@ Example (three clients, nobody drops; the server sees only the ``y``):
 from defenses.secagg.encoding import FixedPoint, ring_add, ring_bits, ring_neg, ring_sum
 from defenses.secagg.keys import KeyPair, derive_seed, public_key_from
 from defenses.secagg.masks import MIN_SEED_BITS, expand, masked_input, pairwise_mask, sum_pairwise_masks
+from defenses.secagg.protocol import STAGES, SecAggResult, default_neighbours, secure_sum
+from defenses.secagg.protocol_client import SecAggClient
+from defenses.secagg.protocol_server import SecAggServer
 from defenses.secagg.shamir import Share, reconstruct, share
 
 __all__ = [
@@ -43,4 +52,5 @@ __all__ = [
     "KeyPair", "derive_seed", "public_key_from",
     "MIN_SEED_BITS", "expand", "masked_input", "pairwise_mask", "sum_pairwise_masks",
     "Share", "reconstruct", "share",
+    "STAGES", "SecAggResult", "default_neighbours", "secure_sum", "SecAggClient", "SecAggServer",
 ]
