@@ -45,39 +45,60 @@ Scheme = Callable[[FedConfig, int], Any]
 
 # -- compute attributed by the Wire --------------------------------------------------------------
 class ClockedWire(Wire):
-    """A Wire that charges the wall time before each send to its sender (client or not) while a
-    round's aggregation runs (:meth:`start` .. :meth:`stop`), and may keep only the transfers to or
-    from one party (``keep``: a probe round of a thousand clients records one client's messages)."""
+    """A Wire that attributes each round's compute and bytes to the clients or the other parties.
+
+    While a round's aggregation runs (:meth:`start` .. :meth:`stop`) the wall time before each send is
+    charged to its sender (a client, or the server / a helper party), and the time from the server's
+    download to :meth:`start` to the clients (their local training). Bytes are counted per round from
+    every send: ``client_bytes_up`` what clients sent, ``client_bytes_down`` what they received.
+    ``keep`` records only the transfers to or from that party (a probe round of a thousand clients
+    keeps one client's messages); every byte is counted either way.
+    """
 
     def __init__(self, clients: tuple[str, ...], *, keep: str | None = None, record: bool = True):
         super().__init__(record=record)
         self.clients, self.keep = frozenset(clients), keep
         self._last: float | None = None
-        self.round = {"client_seconds": 0.0, "server_seconds": 0.0, "client_messages": 0}
+        self.round = self._fresh()
+
+    @staticmethod
+    def _fresh() -> dict[str, float]:
+        return {"client_seconds": 0.0, "server_seconds": 0.0, "client_messages": 0, "client_bytes_up": 0,
+                "client_bytes_down": 0}
+
+    def _is_client(self, names: Any) -> bool:
+        return (names[0] if type(names) is tuple else names) in self.clients
 
     def _charge(self, sender: Any) -> None:
         now = time.perf_counter()
         if self._last is not None:
-            client = (sender[0] if type(sender) is tuple else sender) in self.clients
+            client = self._is_client(sender)
             self.round["client_seconds" if client else "server_seconds"] += now - self._last
             self.round["client_messages"] += int(client)
             self._last = now
         elif sender == SERVER:  # the server's download: the clients' training starts
             self._last = now
 
+    def _count(self, sender: Any, receiver: Any, nbytes: int) -> None:
+        if self._is_client(sender):
+            self.round["client_bytes_up"] += nbytes
+        if self._is_client(receiver):
+            self.round["client_bytes_down"] += nbytes
+
     def start(self) -> None:
         """The aggregation begins: the time since the server's download is the clients' training."""
         now = time.perf_counter()
-        self.round = {"client_seconds": now - self._last if self._last is not None else 0.0,
-                      "server_seconds": 0.0, "client_messages": 0}
+        self.round["client_seconds"] += now - self._last if self._last is not None else 0.0
         self._last = now
 
     def stop(self) -> dict[str, float]:
-        """The aggregation returned: the time since the last send is the server's."""
+        """The aggregation returned: the time since the last send is the server's. Returns the round's
+        counters and starts the next round's."""
         if self._last is not None:
             self.round["server_seconds"] += time.perf_counter() - self._last
         self._last = None
-        return dict(self.round)
+        done, self.round = self.round, self._fresh()
+        return done
 
     def transmit(self, tensor, *, sender, receiver, kind):
         self._charge(sender)
@@ -86,6 +107,7 @@ class ClockedWire(Wire):
             sent, delivered = super().transmit(tensor, sender=sender, receiver=receiver, kind=kind)
         finally:
             self.recording = keep
+        self._count(sender, receiver, sent.nbytes)
         if keep and self.keep is not None:
             stacked = [len(n) for n in (sender, receiver) if type(n) is tuple]
             if not stacked:
@@ -101,11 +123,13 @@ class ClockedWire(Wire):
 
     def broadcast(self, tensor, *, sender, receivers, kind):
         self._charge(sender)
+        before = self.total_bytes
         keep, self.recording = self.recording, self.recording and self.keep is None
         try:
             delivered = super().broadcast(tensor, sender=sender, receivers=receivers, kind=kind)
         finally:
             self.recording = keep
+        self._count(sender, tuple(receivers), self.total_bytes - before)
         if keep and self.keep is not None and (self.keep == sender or self.keep in receivers):
             to = tuple(receivers) if self.keep == sender else (self.keep,)
             self._records.append(Record(self.step, sender, to, kind, delivered.detach().clone(), self.phase, broadcast=True))

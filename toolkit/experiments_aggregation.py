@@ -60,6 +60,12 @@ __all__ = ["SuiteConfig", "Probe", "aggregation_suite", "probe_round", "attack_l
            "plot_suite", "ClockedWire"]
 
 
+IDENTITY = ["scheme", "clients", "cohort", "status", "reason", "reading", "protocol", "parameters"]
+RESULTS = ["epsilon_rdp", "epsilon_prv", "delta", "final_accuracy", "rounds", "rounds_to_target", "time_to_target",
+           "bytes_up", "bytes_down", "expansion", "client_seconds", "server_seconds", "messages", "sim_seconds",
+           "measured", "seconds"]
+
+
 @dataclass
 class SuiteConfig:
     """The federated task every scheme runs, and the suite's budget and network model."""
@@ -142,6 +148,8 @@ def aggregation_suite(schemes: Mapping[str, Scheme], config: SuiteConfig | None 
         if history is not None:
             histories[f"{name}@{n}"], manifests[f"{name}@{n}"] = history, manifest
     frame = pd.DataFrame(rows)
+    leaks = [c for c in frame.columns if c not in IDENTITY + RESULTS]
+    frame = frame.reindex(columns=IDENTITY + leaks + RESULTS)  # every column, NaN where not measured
     frame.attrs.update(histories=histories, manifests=manifests, config=asdict(config))
     return frame
 
@@ -225,15 +233,15 @@ def _round_seconds(history: pd.DataFrame, config: SuiteConfig) -> pd.Series:
     client's links and one latency per message a client sends (the download included)."""
     per = history["clients"].clip(lower=1)
     return (history["client_seconds"] / per + history["server_seconds"]
-            + history["bytes_up"] / per * 8 / (config.uplink_mbps * 1e6)
-            + history["bytes_down"] / per * 8 / (config.downlink_mbps * 1e6)
+            + history["client_bytes_up"] / per * 8 / (config.uplink_mbps * 1e6)
+            + history["client_bytes_down"] / per * 8 / (config.downlink_mbps * 1e6)
             + config.latency * (history["client_messages"] + 1))
 
 
 def _costs(history: pd.DataFrame, config: SuiteConfig, parameters: int) -> dict[str, float]:
     per = history["clients"].clip(lower=1)
-    up = float((history["bytes_up"] / per).mean())
-    return {"bytes_up": up, "bytes_down": float((history["bytes_down"] / per).mean()),
+    up = float((history["client_bytes_up"] / per).mean())
+    return {"bytes_up": up, "bytes_down": float((history["client_bytes_down"] / per).mean()),
             "expansion": up / (4 * parameters),  # over one float32 update
             "client_seconds": float((history["client_seconds"] / per).mean()),
             "server_seconds": float(history["server_seconds"].mean()),
