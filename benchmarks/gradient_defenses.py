@@ -57,8 +57,8 @@ import torch
 from attacks import DLG
 from defenses.gradients import GradientNoise, GradientPruning, GradientQuantization
 from toolkit import data, metrics, models, seed_everything
-from toolkit.federated import ClientData, FedConfig, FederatedAveraging
-from toolkit.parties import load_flat_state
+from toolkit.federated import FedConfig, FederatedAveraging
+from toolkit.federated.probe import observe_one_sample
 from toolkit.wire import Wire
 
 POINTS = {  # family -> (strength label, defense factory(generator))
@@ -78,16 +78,8 @@ def victim() -> torch.nn.Module:
 def observe(model, ds, i: int, defense, lr: float, rounds: int = 1) -> list:
     """What the server received from client 0 (holding image ``i``) and sent it, over ``rounds``
     rounds in which the server sends the same weights every time (a malicious server's freeze)."""
-    seed_everything(0)
-    fl = FederatedAveraging(model, ClientData.from_indices(ds, [torch.tensor([i])]), test=ds,
-                            config=FedConfig(batch_size=1, lr=lr, eval_every=10**6),
-                            wire=Wire(transforms=[defense] if defense is not None else []))
-    start = fl.weights.clone()
-    for _ in range(rounds):
-        fl.fit(1)
-        fl.weights = start.clone()
-        load_flat_state(model, start)
-    return fl.wire.observed(by="server", kind="update") + fl.wire.observed(sender="server", kind="weights")
+    wire = observe_one_sample(model, ds, i, defense=defense, lr=lr, rounds=rounds)
+    return wire.observed(by="server", kind="update") + wire.observed(sender="server", kind="weights")
 
 
 def dlg_point(family: str, make, ds, images: list[int], lr: float, repeats: int) -> tuple[float, float, float]:

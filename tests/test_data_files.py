@@ -238,3 +238,11 @@ def test_fashion_mnist_folder(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ downloads
+
+
+def test_idx_files_present_needs_the_t10k_pair(tmp_path):
+    from toolkit.data.folders import idx_files_present
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"")
+    assert not idx_files_present(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"")
+    assert idx_files_present(tmp_path) and not idx_files_present(tmp_path / "missing")

@@ -8,11 +8,11 @@ from attacks import DLG
 from attacks.adaptive import average_repeats
 from attacks.gradient_matching import read_updates
 from defenses import GRADIENT_DEFENSES, GradientNoise, GradientPruning, GradientQuantization
-from toolkit import data, metrics, models, seed_everything
-from toolkit.federated import ClientData, FedConfig, FederatedAveraging
+from toolkit import data, metrics, models
+from toolkit.federated import FedConfig, FederatedAveraging
 from toolkit.federated.compression import QSGD, TopK
-from toolkit.parties import load_flat_state
 from toolkit.split import SplitConfig, SplitNN
+from toolkit.federated.probe import observe_one_sample
 from toolkit.wire import Wire
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -140,16 +140,8 @@ def victim():
 
 def observe(model, ds, defense, rounds=1, lr=1.0):
     """Client 0 holds digit 0; the server sends it the same weights ``rounds`` times."""
-    seed_everything(0)
-    fl = FederatedAveraging(model, ClientData.from_indices(ds, [torch.tensor([0])]), test=ds,
-                            config=FedConfig(batch_size=1, lr=lr, eval_every=1000),
-                            wire=Wire([defense] if defense is not None else []))
-    start = fl.weights.clone()
-    for _ in range(rounds):
-        fl.fit(1)
-        fl.weights = start.clone()
-        load_flat_state(model, start)
-    return fl.wire.observed(by="server", kind="update") + fl.wire.observed(sender="server", kind="weights")
+    wire = observe_one_sample(model, ds, 0, defense=defense, lr=lr, rounds=rounds)
+    return wire.observed(by="server", kind="update") + wire.observed(sender="server", kind="weights")
 
 
 def dlg_psnr(ds, observed, model, **kwargs):

@@ -84,6 +84,11 @@ def _find(root: Path, name: str) -> Path | None:
     return None
 
 
+def idx_files_present(root: str | Path) -> bool:
+    """Whether ``root`` holds at least MNIST's t10k pair (raw or ``.gz``), checked without reading it."""
+    return all(_find(Path(root), name) is not None for name in MNIST_FILES["test"])
+
+
 def read_mnist(root: str | Path | None, *, dataset: str = "mnist") -> dict[str, tuple[np.ndarray, np.ndarray] | None]:
     """Read MNIST or Fashion-MNIST from a folder holding the four IDX files (each raw or ``.gz``).
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from toolkit import data as datasets
 from toolkit import metrics, models, validate
-from toolkit.data.folders import _find
+from toolkit.data.folders import idx_files_present
 from toolkit.experiments import SplitExperiment
 from toolkit.wire import Transfer
 
@@ -51,8 +51,7 @@ DATASETS: dict[str, Callable[[], datasets.Dataset]] = {
 }
 # name -> whether its files are there (checked without loading: a dataset loads when it is chosen)
 PRESENT: dict[str, Callable[[], bool]] = {
-    "mnist": lambda: all(_find(datasets.default_root() / "mnist", f) for f in ("t10k-images-idx3-ubyte",
-                                                                          "t10k-labels-idx1-ubyte")),
+    "mnist": lambda: idx_files_present(datasets.default_root() / "mnist"),
 }
 IMAGE_MODELS = ("mlp", "convnet", "lenet")
 TABULAR_MODELS = ("tabular_mlp",)
