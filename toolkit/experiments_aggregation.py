@@ -77,10 +77,11 @@ class SuiteConfig:
     clients: tuple[int, ...] = (10, 100, 1000)  # numbers of clients n, the iid partition of the training set
     fraction: float = 1.0                # share of the n clients in each round's cohort
     rounds: int = 20                     # training rounds per (scheme, n)
-    target_accuracy: float = 0.85        # rounds and simulated time until the test accuracy reaches it
+    target_accuracy: float = 0.8         # rounds and simulated time until the test accuracy reaches it (plain FedAvg
+                                         # on MNIST: round 2 at n = 10, about round 16 at n = 1,000)
     local_epochs: int = 1                # clients' passes over their data per round
-    batch_size: int = 16                 # clients' local batch size
-    lr: float = 0.1                      # clients' SGD learning rate
+    batch_size: int = 8                  # clients' local batch size (one step per round at n = 1,000 on MNIST)
+    lr: float = 0.3                      # clients' SGD learning rate
     probe_lr: float = 0.1                # the probe round's single SGD step (the attack knows it)
     uplink_mbps: float = 10.0            # simulated client upload link, megabits per second
     downlink_mbps: float = 50.0          # simulated client download link
