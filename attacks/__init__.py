@@ -17,6 +17,7 @@ from attacks.gradient_inversion import DLG, IDLG, GradientInversion, InvertingGr
 from attacks.label_leakage import DirectionAttack, NormAttack, leak_auc_summary, per_batch_auc
 from attacks.model_inversion import InverseNetwork, QueryFree, WhiteBoxInversion
 from attacks.poisoning import POISONING, GaussianUpdate, ScaledUpdate, SignFlip
+from attacks.seed_recovery import SeedRecovery
 from attacks.unsplit import UnSplit
 from attacks.unsplit_labels import UnSplitLabels
 
@@ -37,7 +38,7 @@ ATTACKS: dict[str, type[Attack]] = {
 }
 
 __all__ = ["ATTACKS", "AnalyticFC", "DLG", "IDLG", "POISONING", "Attack", "AttackResult", "DirectionAttack",
-           "FeatureSpaceHijacking", "GaussianUpdate", "GradientInversion", "InvertingGradients", "LabelCounts", "InverseNetwork", "NormAttack", "QueryFree", "ScaledUpdate", "SignFlip", "UnSplit",
+           "FeatureSpaceHijacking", "GaussianUpdate", "GradientInversion", "InvertingGradients", "LabelCounts", "InverseNetwork", "NormAttack", "QueryFree", "ScaledUpdate", "SeedRecovery", "SignFlip", "UnSplit",
            "UnSplitLabels", "WhiteBoxInversion", "imprint_block", "label_counts", "leak_auc_summary", "per_batch_auc"]
 from attacks.explorer import EXPLORER_ATTACKS  # noqa: E402  (the leakage explorer's registry)
 __all__ += ["EXPLORER_ATTACKS"]

@@ -15,7 +15,9 @@ Here now:
   masks, Shamir sharing, fixed-point ring encoding), homomorphic aggregation with CKKS through
   TenSEAL (homomorphic), and hash commitments for verifiable participation (commitments).
 """
+from defenses.aggregation_dp import DPAggregation
 from defenses.activations import ACTIVATION_DEFENSES, Clip, CutDropout, GaussianNoise, LaplaceNoise, Quantize
+from defenses.cohorts import Cohorts
 from defenses.commitments import Opening, check_openings, commit, verify
 from defenses.dp import DPSGD, make_private
 from defenses.dp_federated import DPFedAvg
@@ -23,9 +25,11 @@ from defenses.dp_local import GaussianMechanism
 from defenses.dp_split import DPClients, DPParty, private_clients, private_party
 from defenses.gradients import GRADIENT_DEFENSES, GradientNoise, GradientPruning, GradientQuantization
 from defenses.homomorphic import CKKSClient, CKKSParameters, CKKSServer, KeyHolder
+from defenses.homomorphic_aggregation import HomomorphicAggregation
 from defenses.labels import IsotropicNoise, Marvell, MaxNorm
 from defenses.nopeek import NoPeek, NoPeekLoss
 from defenses.secagg import FixedPoint, KeyPair, expand, masked_input, reconstruct, share
+from defenses.side_channels import Shuffled
 from defenses.splitguard import SplitGuard, guarded_split_training
 from defenses.splintering import Splinter, inner_products, outsource, splintered, span_attack
 from defenses.splintering_split import SplinteredLayer, first_linear
@@ -38,7 +42,8 @@ __all__ = [
     "NoPeek", "NoPeekLoss",
     "SplitGuard", "guarded_split_training",
     "Opening", "check_openings", "commit", "verify",
-    "CKKSClient", "CKKSParameters", "CKKSServer", "KeyHolder",
+    "CKKSClient", "CKKSParameters", "CKKSServer", "KeyHolder", "HomomorphicAggregation",
+    "DPAggregation", "Cohorts", "Shuffled",
     "FixedPoint", "KeyPair", "expand", "masked_input", "reconstruct", "share",
     "Splinter", "inner_products", "outsource", "splintered", "span_attack", "SplinteredLayer", "first_linear",
 ]

@@ -91,8 +91,8 @@ class FederatedAveraging(FederatedProtocol):
                 kept, bytes_up, extra = self._wire_aggregate(updates, plan.clients, durations)
                 bytes_down += extra
                 rejected = len(plan.clients) - len(kept)
-                if durations is not None:
-                    self.clock += float(durations.max())
+                if durations is not None:  # a shuffled round waits past the slowest client until its deadline
+                    self.clock += float(durations.max()) + float(self._wire_report.get("shuffle_delay", 0.0))
             else:
                 received, kept, bytes_up = self._upload(updates, plan.clients)
                 rejected = len(plan.clients) - len(kept)
