@@ -1,7 +1,6 @@
 """What a curious peer can compute from what it received: its predecessor's model difference."""
 from __future__ import annotations
 
-import torch  # noqa: F401  (the docstring example uses it)
 from torch import Tensor
 
 from toolkit.messages import Transfer
@@ -21,6 +20,7 @@ def model_difference(received: Transfer, start: Tensor) -> Transfer:
         start: (S,) the shared weights the predecessor started from.
 
     Example:
+        >>> import torch
         >>> t = Transfer(1, "node:0", "node:1", "weights", torch.tensor([1.5, 2.0]))
         >>> model_difference(t, torch.tensor([1.0, 2.0])).tensor.tolist()
         [0.5, 0.0]

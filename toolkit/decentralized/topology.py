@@ -293,8 +293,9 @@ def draw(graph: nx.Graph, *, ax: Axes | None = None, failed: Iterable[int] = (),
     handles = [Line2D([], [], marker="o", ls="", color=ROLE_COLOURS[r], label=r) for r in shown]
     if initiator is not None:
         handles.append(Line2D([], [], marker="o", ls="", mfc="white", mec="black", mew=2, label="initiator"))
-    if len(handles) > 1:
-        ax.legend(handles=handles, loc="upper right", fontsize="small", frameon=False, bbox_to_anchor=(1.15, 1.05))
+    if len(handles) > 1:  # below the graph, where it covers no node
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles),
+                  fontsize="small", frameon=False, handletextpad=0.2, columnspacing=0.8)
     ax.set_axis_off()
     ax.set_title(title or f"{graph.number_of_nodes()} nodes, {graph.number_of_edges()} links")
     return fig, ax
