@@ -10,7 +10,9 @@ Here now:
   splintering's shares and decoys (Vepakomma, Balla, Raskar, 2020); local DP (the Gaussian mechanism);
 - wrappers: DP-SGD through Opacus for a party (dp, dp_split) and DP-FedAvg (McMahan et al., 2018),
   all accounted by toolkit.accounting;
-- aggregation building blocks (the protocols over the Wire come next): secure aggregation's
+- private aggregation over the Wire (WireAggregators for FederatedAveraging): SecureAggregation and
+  SecAggPlus (Bonawitz et al., 2017; Bell et al., 2020), HomomorphicAggregation (CKKS), DPAggregation
+  (central, distributed, local DP), Cohorts and Shuffled; built from secure aggregation's
   primitives after Bonawitz et al. (2017) in ``defenses.secagg`` (X25519 + HKDF seeds, ChaCha20
   masks, Shamir sharing, fixed-point ring encoding), homomorphic aggregation with CKKS through
   TenSEAL (homomorphic), and hash commitments for verifiable participation (commitments).
@@ -29,6 +31,7 @@ from defenses.homomorphic_aggregation import HomomorphicAggregation
 from defenses.labels import IsotropicNoise, Marvell, MaxNorm
 from defenses.nopeek import NoPeek, NoPeekLoss
 from defenses.secagg import FixedPoint, KeyPair, expand, masked_input, reconstruct, share
+from defenses.secure_aggregation import SecAggPlus, SecureAggregation
 from defenses.side_channels import Shuffled
 from defenses.splitguard import SplitGuard, guarded_split_training
 from defenses.splintering import Splinter, inner_products, outsource, splintered, span_attack
@@ -44,7 +47,7 @@ __all__ = [
     "Opening", "check_openings", "commit", "verify",
     "CKKSClient", "CKKSParameters", "CKKSServer", "KeyHolder", "HomomorphicAggregation",
     "DPAggregation", "Cohorts", "Shuffled",
-    "FixedPoint", "KeyPair", "expand", "masked_input", "reconstruct", "share",
+    "FixedPoint", "KeyPair", "expand", "masked_input", "reconstruct", "share", "SecureAggregation", "SecAggPlus",
     "Splinter", "inner_products", "outsource", "splintered", "span_attack", "SplinteredLayer", "first_linear",
 ]
 from defenses.explorer import EXPLORER_DEFENSES  # noqa: E402  (the leakage explorer's registry)
