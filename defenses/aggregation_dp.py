@@ -57,6 +57,7 @@ from typing import Any
 
 import torch
 
+from defenses.dp_federated import check_client_dp
 from toolkit import validate
 from toolkit.accounting import PrivacyAccountant
 from toolkit.federated.privacy import spent
@@ -94,12 +95,8 @@ class DPAggregation(WireAggregator):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
         self.inner, self.mode = inner, mode
-        self.clip = validate.positive("clip", clip)
-        self.noise_multiplier = validate.non_negative("noise_multiplier", noise_multiplier)
-        self.clients_per_round = validate.positive_int("clients_per_round", clients_per_round)
-        self.total_clients = validate.positive_int("total_clients", total_clients)
-        if self.clients_per_round > self.total_clients:
-            raise ValueError(f"clients_per_round {clients_per_round} exceeds total_clients {total_clients}")
+        self.clip, self.noise_multiplier, self.clients_per_round, self.total_clients = check_client_dp(
+            clip, noise_multiplier, clients_per_round, total_clients)
         self.accountant = PrivacyAccountant(delta=delta, accountants=accountants)
         self.sample_rate = self.clients_per_round / self.total_clients
         self.rounds = 0  # releases so far

@@ -46,7 +46,18 @@ from toolkit.accounting import PrivacyAccountant
 from toolkit.federated.aggregators import Aggregator
 from toolkit.federated.privacy import spent
 
-__all__ = ["DPFedAvg"]
+__all__ = ["DPFedAvg", "check_client_dp"]
+
+
+def check_client_dp(clip: float, noise_multiplier: float, clients_per_round: int,
+                    total_clients: int) -> tuple[float, float, int, int]:
+    """Client-level DP's parameters, checked: clip C > 0, noise multiplier z >= 0, m clients per
+    round out of N (1 <= m <= N). Returns ``(C, z, m, N)``."""
+    m = validate.positive_int("clients_per_round", clients_per_round)
+    n = validate.positive_int("total_clients", total_clients)
+    if m > n:
+        raise ValueError(f"clients_per_round {clients_per_round} exceeds total_clients {total_clients}")
+    return validate.positive("clip", clip), validate.non_negative("noise_multiplier", noise_multiplier), m, n
 
 
 class DPFedAvg(Aggregator):
@@ -73,12 +84,8 @@ class DPFedAvg(Aggregator):
 
     def __init__(self, *, clip: float, noise_multiplier: float, clients_per_round: int, total_clients: int,
                  generator: torch.Generator, delta: float = 1e-5, accountants: Iterable[str] = ("rdp", "prv")):
-        self.clip = validate.positive("clip", clip)
-        self.noise_multiplier = validate.non_negative("noise_multiplier", noise_multiplier)
-        self.clients_per_round = validate.positive_int("clients_per_round", clients_per_round)
-        self.total_clients = validate.positive_int("total_clients", total_clients)
-        if self.clients_per_round > self.total_clients:
-            raise ValueError(f"clients_per_round {clients_per_round} exceeds total_clients {total_clients}")
+        self.clip, self.noise_multiplier, self.clients_per_round, self.total_clients = check_client_dp(
+            clip, noise_multiplier, clients_per_round, total_clients)
         if validate.generator(generator) is None:
             raise ValueError("DPFedAvg draws noise: pass generator=<a torch.Generator>")
         self.generator = generator

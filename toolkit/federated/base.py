@@ -20,6 +20,7 @@ from toolkit.federated.clients import ClientData, RoundPlan, plan_round
 from toolkit.federated.compression import Compressor
 from toolkit.federated.config import LOSSES, FedConfig
 from toolkit.federated.executors import make_executor
+from toolkit.federated.wire_aggregation import aggregation_manifest
 from toolkit.parties import flat_state, load_flat_state
 from toolkit.provenance import from_plain, load_checkpoint, manifest, packet_classes, save_checkpoint, to_plain
 from toolkit.validate import non_negative_int
@@ -277,7 +278,7 @@ class FederatedProtocol:
         return manifest(self.config, protocol=type(self).__name__, round=self.round,
                         executor=self._executor_ran(), executor_fallback=getattr(self.executor, "fallback", None),
                         aggregator=repr(self.aggregator), compressor=repr(self.compressor),
-                        aggregation=_aggregation_manifest(self.aggregator),
+                        aggregation=aggregation_manifest(self.aggregator),
                         malicious={c: repr(f) for c, f in self.malicious.items()},
                         clients=len(self.data), parameters=len(self.weights))
 
@@ -387,13 +388,6 @@ class FederatedProtocol:
         return (f"{type(self).__name__}({self.data!r}, round {self.round}, executor={executor}, "
                 f"aggregator={self.aggregator!r}, compressor={self.compressor!r}, "
                 f"{len(self.malicious)} malicious)")
-
-
-def _aggregation_manifest(aggregator: Any) -> dict[str, Any]:
-    """The aggregation protocol's auditable record (a wire aggregator's ``manifest()``: protocol,
-    version, cryptographic and DP parameters), or its name for a plain aggregator."""
-    record = getattr(aggregator, "manifest", None)
-    return dict(record()) if callable(record) else {"protocol": getattr(aggregator, "name", type(aggregator).__name__)}
 
 
 def _finite_rows(rows: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from toolkit.wire import Wire
 
-__all__ = ["Uploads", "Aggregate", "WireAggregator", "PlainSum", "SERVER"]
+__all__ = ["Uploads", "Aggregate", "WireAggregator", "PlainSum", "SERVER", "aggregation_manifest"]
 
 SERVER = "server"
 
@@ -145,3 +145,10 @@ class PlainSum(WireAggregator):
 
     def __repr__(self) -> str:
         return "PlainSum()"
+
+
+def aggregation_manifest(aggregator: Any) -> dict[str, Any]:
+    """The aggregation's auditable record for a run's manifest: a wire aggregator's ``manifest()``
+    (protocol, version, cryptographic and DP parameters), or a plain aggregator's name."""
+    record = getattr(aggregator, "manifest", None)
+    return dict(record()) if callable(record) else {"protocol": getattr(aggregator, "name", type(aggregator).__name__)}
