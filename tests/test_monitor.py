@@ -9,14 +9,16 @@ import ipywidgets
 import nbformat
 import pytest
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
 from toolkit import data, models
 from toolkit.federated import FederatedAveraging, FedConfig
+from toolkit.plots import plot_training
 from toolkit.report import execute
 from toolkit.split import SplitConfig, SplitFed, SplitNN
 from toolkit.split.leakage import LeakageProbe
-from toolkit.widgets.monitor import TrainingMonitor, history_figure, static_mode
+from toolkit.widgets.monitor import TrainingMonitor, static_mode
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SGD = SplitConfig(lr=0.05, momentum=0.9, batch_size=64, record=False)
@@ -111,7 +113,7 @@ def test_several_clients_and_federated_histories_equal_plain_fits(small):
 
 def test_the_figure_has_a_labelled_panel_per_metric_and_names_a_missing_column(small):
     history = split_run(small).fit(epochs=2, eval_each_epoch=True)
-    fig, axes = history_figure(history, ["loss", "accuracy", "dcor", "epsilon"])
+    fig, axes = plot_training(history, ["loss", "accuracy", "dcor", "epsilon"], x="step", fig=Figure())
     assert len(axes) == 4 and [ax.get_xlabel() for ax in axes] == ["training step (batches)"] * 4
     assert [ax.get_title() for ax in axes] == ["loss", "accuracy", "leakage at the cut", "epsilon"]
     assert axes[2].get_ylabel() == "distance correlation dCor" and axes[2].get_ylim() == (-0.02, 1.02)
@@ -119,7 +121,7 @@ def test_the_figure_has_a_labelled_panel_per_metric_and_names_a_missing_column(s
     assert len(axes[1].lines[1].get_xdata()) == 2  # the test accuracy: one point per epoch
     assert len(axes[2].lines[0].get_xdata()) == history["dcor"].notna().sum() == 8  # 2, 4, 6, 7, 8, ..., 14
     assert "no 'epsilon' values yet" in axes[3].texts[0].get_text()
-    again, axes2 = history_figure(history.iloc[:3], ["loss", "accuracy", "dcor", "epsilon"], fig=fig)
+    again, axes2 = plot_training(history.iloc[:3], ["loss", "accuracy", "dcor", "epsilon"], x="step", fig=fig)
     assert again is fig and axes2 == axes and len(axes[0].lines[0].get_xdata()) == 3  # redrawn in place
 
 

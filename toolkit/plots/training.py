@@ -1,13 +1,24 @@
-"""Training with leakage over time: loss, accuracy and dCor per epoch from a ``fit`` history."""
+"""Training with leakage over time: loss, accuracy, dCor, epsilon or any numeric history column,
+one panel each, from a ``fit`` history. The one drawing of training curves: notebooks call it
+directly, :class:`toolkit.widgets.TrainingMonitor` redraws it live."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from toolkit.plots.curves import plot_history
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+TITLES = {"loss": ("loss", "loss (task objective)"), "accuracy": ("accuracy", "fraction correct"),
+          "dcor": ("leakage at the cut", "distance correlation dCor"), "bytes": ("communication", "bytes sent")}
+BOUNDED = {"accuracy", "dcor"}  # columns in [0, 1]: a fixed y range reads the same at every redraw
+DEFAULT_METRICS = ("loss", "accuracy", "dcor")
+XLABELS = {"step": "training step (batches)", "round": "round", "epoch": "epoch"}
 
 
 def _progress(history: pd.DataFrame) -> pd.Series:
@@ -18,51 +29,100 @@ def _progress(history: pd.DataFrame) -> pd.Series:
     return history["epoch"] + rank / size
 
 
-def plot_training(history: pd.DataFrame, *, fig: Figure | None = None, title: str | None = None,
-                  ) -> tuple[Figure, np.ndarray]:
-    """Loss, accuracy and leakage (dCor) against training progress in epochs, one panel each, from
-    a ``fit`` history: per-step ``loss`` / ``accuracy`` as thin lines, the per-epoch
-    ``test_loss`` / ``test_accuracy`` (``eval_each_epoch``) and ``dcor`` (a ``LeakageProbe``
-    hook) where they are not NaN as points. Panels whose columns are absent are left out.
+def _series_names(kind: str, column: str) -> tuple[str, str]:
+    """Legend names of ``column`` and its ``test_`` twin in a history of this kind of protocol."""
+    if kind == "federated":  # FedAvg's accuracy is the global model's, on the test set
+        return ("test set (global model)" if column == "accuracy" else "clients' training batches"
+                if column == "loss" else column), "test set (global model)"
+    return ("training batch" if column in ("loss", "accuracy") else "fixed probe inputs" if column == "dcor"
+            else column), "test set"
 
-    Returns ``(fig, axes)`` (one axis per panel).
+
+def plot_training(history: pd.DataFrame, metrics: Sequence[str] | None = None, *, x: str = "epoch",
+                  kind: str = "split", title: str | None = None, fig: Figure | None = None,
+                  xmax: float | None = None) -> tuple[Figure, list[Any]]:
+    """One panel per history column in ``metrics``, its ``test_<column>`` twin overlaid as markers.
+
+    Args:
+        history: what ``fit`` returned (split: one row per step; federated: one per round).
+        metrics: the columns to draw; a column the history lacks gets a panel saying so. Default:
+            those of loss, accuracy and dCor (a ``LeakageProbe`` hook's column) the history has.
+        x: ``"epoch"`` (training progress in epochs: step k of an epoch of K sits at e + k / K),
+            ``"step"``, ``"round"`` or any column.
+        kind: ``"split"`` or ``"federated"``: names the series in the legend.
+        fig: draw on this figure (its axes are cleared and reused when there is one per metric:
+            a live redraw); default a new pyplot figure.
+        xmax: fix the x range to [0, xmax] (a live figure's curves then grow into a still frame).
+
+    Returns ``(fig, axes)``, one axis per panel.
     """
-    import matplotlib.pyplot as plt
+    import seaborn as sns
 
     if not isinstance(history, pd.DataFrame):
         raise ValueError(f"history must be the DataFrame fit returns, got {type(history).__name__}")
-    for col in ("epoch", "loss"):
-        if col not in history.columns:
-            raise ValueError(f"history has no column {col!r}; it has {list(history.columns)}")
-    if history.empty:
-        raise ValueError("history is empty")
+    if x not in history.columns and len(history):  # an empty history (nothing trained yet) draws empty panels
+        raise ValueError(f"history has no column {x!r}; it has {list(history.columns)}")
+    if metrics is None:
+        metrics = [c for c in DEFAULT_METRICS if c in history.columns or f"test_{c}" in history.columns]
+        if not metrics:
+            raise ValueError(f"history has none of the columns {list(DEFAULT_METRICS)}; it has {list(history.columns)}")
+    metrics = list(metrics)
     h = history.reset_index(drop=True)
-    t = _progress(h)
-    panels = [("loss", "test_loss", "loss (cross-entropy)"), ("accuracy", "test_accuracy", "accuracy"),
-              ("dcor", None, "dCor(probe inputs, cut-layer output)")]
-    panels = [p for p in panels if p[0] in h.columns or (p[1] and p[1] in h.columns)]
-    if fig is None:
-        fig = plt.figure(figsize=(4 * len(panels), 3.3), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(panels), sharex=True))
-    for ax, (step_col, epoch_col, label) in zip(axes, panels):
-        if step_col in h.columns:
-            keep = h[step_col].notna()
-            if step_col == "dcor":
-                ax.plot(t[keep], h.loc[keep, step_col], marker="o", color="tab:red", label="dCor")
-            else:
-                ax.plot(t[keep], h.loc[keep, step_col], linewidth=0.8, alpha=0.6, label="train (per step)")
-        if epoch_col and epoch_col in h.columns:
-            keep = h[epoch_col].notna()
-            ax.plot(t[keep], h.loc[keep, epoch_col], marker="o", color="tab:orange", label="test (end of epoch)")
-        ax.set_ylabel(label)
-        ax.set_xlabel("epoch")
-        if step_col in ("accuracy", "dcor"):
-            ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    last = int(np.ceil(float(t.max())))
-    axes[0].set_xlim(0, max(last, 1) + 0.08)  # room for the points at the last epoch's end
-    axes[0].set_xticks(range(0, max(last, 1) + 1))
-    if title:
-        fig.suptitle(title)
+    if x == "epoch" and len(h):
+        h = h.assign(epoch=_progress(h))
+    n = len(metrics)
+    with sns.axes_style("whitegrid"):
+        if fig is not None and len(fig.axes) == n:  # a redraw: same axes, same layout (cheap)
+            axes = fig.axes
+            for ax in axes:
+                ax.clear()
+        else:
+            if fig is None:
+                import matplotlib.pyplot as plt
+
+                fig = plt.figure()
+            fig.clear()
+            fig.set_size_inches(4.2 * n, 3.4)
+            axes = list(fig.subplots(1, n, squeeze=False)[0])
+            # fixed margins (inches), not a layout engine: a redraw must not re-run the layout
+            fig.subplots_adjust(left=0.75 / (4.2 * n), right=1 - 0.2 / (4.2 * n), bottom=0.6 / 3.4,
+                                top=1 - 0.65 / 3.4, wspace=1.0 / (4.2 - 0.95))
+        for ax, column in zip(axes, metrics):
+            _panel(ax, h, column, x=x, kind=kind)
+        if xmax is not None:
+            for ax in axes:
+                ax.set_xlim(0, xmax * 1.03)  # room for the last marker
+        elif x == "epoch" and len(h):
+            last = max(int(np.ceil(float(h["epoch"].max()))), 1)
+            for ax in axes:
+                ax.set_xlim(0, last + 0.08)  # room for the points at the last epoch's end
+                ax.set_xticks(range(0, last + 1))
+    fig.suptitle(title or "")
     return fig, axes
+
+
+def _panel(ax, history: pd.DataFrame, column: str, *, x: str, kind: str) -> None:
+    title, ylabel = TITLES.get(column, (column, column))
+    twin = f"test_{column}"
+    drawn = 0
+    for col, name in zip((column, twin), _series_names(kind, column)):
+        if col not in history.columns or x not in history.columns:
+            continue
+        points = history[[x, col]].dropna()
+        if len(points) == 0:
+            continue
+        sparse = col == twin or len(points) < len(history) / 2 or len(points) == 1
+        plot_history(points, col, x=x, ax=ax, label=name, marker="o" if sparse else None, estimator=None,
+                     linestyle="--" if col == twin else "-")
+        drawn += 1
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel(XLABELS.get(x, x))
+    if drawn:
+        ax.legend(loc="best", fontsize="small")
+    else:
+        hint = "\n(log it with toolkit.split.leakage.LeakageProbe)" if column == "dcor" and len(history) else ""
+        ax.text(0.5, 0.5, f"no '{column}' values yet{hint}" if len(history) else "waiting for the first values",
+                ha="center", va="center", transform=ax.transAxes, fontsize="small", color="0.4")
+    if column in BOUNDED:
+        ax.set_ylim(-0.02, 1.02)

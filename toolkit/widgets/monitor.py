@@ -31,90 +31,13 @@ from toolkit.split.multiclient import _MultiClient
 from toolkit.split.splitnn import SplitNN
 from toolkit.widgets.frontend import static_mode
 
-__all__ = ["TrainingMonitor", "history_figure", "static_mode"]
-
-TITLES = {"loss": ("loss", "loss (task objective)"), "accuracy": ("accuracy", "fraction correct"),
-          "dcor": ("leakage at the cut", "distance correlation dCor"), "bytes": ("communication", "bytes sent")}
-BOUNDED = {"accuracy", "dcor"}  # columns in [0, 1]: a fixed y range reads the same at every redraw
-
+__all__ = ["TrainingMonitor", "static_mode"]
 
 def _display(obj: Any) -> None:
     """IPython's display of ``obj`` (nothing when IPython was never imported: no one to show it to)."""
     ipython = sys.modules.get("IPython")
     if ipython is not None:
         ipython.display.display(obj)
-
-
-def _series_names(kind: str, column: str) -> tuple[str, str]:
-    """Legend names of ``column`` and its ``test_`` twin in a history of this kind of protocol."""
-    if kind == "federated":  # FedAvg's accuracy is the global model's, on the test set
-        return ("test set (global model)" if column == "accuracy" else "clients' training batches"
-                if column == "loss" else column), "test set (global model)"
-    return ("training batch" if column in ("loss", "accuracy") else "fixed probe inputs" if column == "dcor"
-            else column), "test set"
-
-
-def history_figure(history: pd.DataFrame, metrics: Sequence[str], *, x: str = "step", kind: str = "split",
-                   title: str | None = None, fig: Any = None, xmax: float | None = None) -> tuple[Any, list]:
-    """One panel per column of ``metrics`` over ``x`` (with its ``test_`` column overlaid as
-    markers when the history has one); a column the history lacks gets a panel saying so.
-    ``xmax`` fixes the x range to [0, xmax] (a live figure's curves then grow into a still frame).
-
-    Draws on a fresh ``matplotlib.figure.Figure`` (not pyplot: nothing stays registered) or on
-    ``fig`` (its axes cleared and reused when there is one per metric); returns ``(fig, axes)``.
-    """
-    import seaborn as sns
-    from matplotlib.figure import Figure
-
-    n = len(metrics)
-    with sns.axes_style("whitegrid"):
-        if fig is not None and len(fig.axes) == n:  # a redraw: same axes, same layout (cheap)
-            axes = fig.axes
-            for ax in axes:
-                ax.clear()
-        else:
-            if fig is None:
-                fig = Figure(figsize=(4.2 * n, 3.4))
-            fig.clear()
-            axes = list(fig.subplots(1, n, squeeze=False)[0])
-            # fixed margins (inches), not a layout engine: a redraw must not re-run the layout
-            width, height = fig.get_size_inches()
-            fig.subplots_adjust(left=0.75 / width, right=1 - 0.2 / width, bottom=0.6 / height,
-                                top=1 - 0.65 / height, wspace=1.0 / (width / n - 0.95))
-        for ax, column in zip(axes, metrics):
-            _panel(ax, history, column, x=x, kind=kind)
-            if xmax is not None:
-                ax.set_xlim(0, xmax * 1.03)  # room for the last marker
-    fig.suptitle(title or "")
-    return fig, axes
-
-
-def _panel(ax, history: pd.DataFrame, column: str, *, x: str, kind: str) -> None:
-    xlabel = "training step (batches)" if x == "step" else "round" if x == "round" else x
-    title, ylabel = TITLES.get(column, (column, column))
-    twin = f"test_{column}"
-    drawn = 0
-    for col, name in zip((column, twin), _series_names(kind, column)):
-        if col not in history.columns or x not in history.columns:
-            continue
-        points = history[[x, col]].dropna()
-        if len(points) == 0:
-            continue
-        sparse = col == twin or len(points) < len(history) / 2 or len(points) == 1
-        plots.plot_history(points, col, x=x, ax=ax, label=name, marker="o" if sparse else None, estimator=None,
-                           linestyle="--" if col == twin else "-")
-        drawn += 1
-    ax.set_title(title)
-    ax.set_ylabel(ylabel)
-    ax.set_xlabel(xlabel)
-    if drawn:
-        ax.legend(loc="best", fontsize="small")
-    else:
-        hint = "\n(log it with toolkit.split.leakage.LeakageProbe)" if column == "dcor" and len(history) else ""
-        ax.text(0.5, 0.5, f"no '{column}' values yet{hint}" if len(history) else "waiting for the first values",
-                ha="center", va="center", transform=ax.transAxes, fontsize="small", color="0.4")
-    if column in BOUNDED:
-        ax.set_ylim(-0.02, 1.02)
 
 
 def _latest(history: pd.DataFrame, column: str) -> str:
@@ -239,7 +162,10 @@ class TrainingMonitor:
     def figure(self, history: pd.DataFrame | None = None) -> tuple[Any, list]:
         """The monitor's figure of ``history`` (default: what it trained so far): ``(fig, axes)``."""
         history = self.history if history is None else history
-        return history_figure(history, self.metrics, x=self.x, kind=self.kind, title=self._title(history))
+        from matplotlib.figure import Figure  # not pyplot: nothing stays registered
+
+        return plots.plot_training(history, self.metrics, x=self.x, kind=self.kind, title=self._title(history),
+                                   fig=Figure())
 
     def _title(self, history: pd.DataFrame) -> str:
         if not len(history):
@@ -280,8 +206,10 @@ class TrainingMonitor:
         begin = time.perf_counter()
         if len(self._before):
             history = pd.concat([self._before, history], ignore_index=True)
-        fig, _ = history_figure(history, self.metrics, x=self.x, kind=self.kind,
-                                title=self._title(history), fig=self._figure, xmax=self._xmax)
+        from matplotlib.figure import Figure
+
+        fig, _ = plots.plot_training(history, self.metrics, x=self.x, kind=self.kind, title=self._title(history),
+                                     fig=self._figure if self._figure is not None else Figure(), xmax=self._xmax)
         self._figure = fig
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=90)
