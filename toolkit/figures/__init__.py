@@ -6,7 +6,8 @@ with an index page; ``FIGURES`` maps each figure's name to its preset class.
 """
 from toolkit.figures.base import Figure, crossover
 from toolkit.figures.communication import SinghCommunication
+from toolkit.figures.health import SplitHealth
 
-FIGURES: dict[str, type[Figure]] = {cls.name: cls for cls in (SinghCommunication,)}
+FIGURES: dict[str, type[Figure]] = {cls.name: cls for cls in (SinghCommunication, SplitHealth)}
 
-__all__ = ["FIGURES", "Figure", "SinghCommunication", "crossover"]
+__all__ = ["FIGURES", "Figure", "SinghCommunication", "SplitHealth", "crossover"]

@@ -104,7 +104,8 @@ def plain_log_ticks(ax: Any) -> None:
     def fmt(value: float, _pos: int) -> str:
         return f"{value:,.0f}" if value >= 1 else f"{value:g}"
 
-    for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
+    for axis, scale, limits in ((ax.xaxis, ax.get_xscale(), ax.get_xlim()), (ax.yaxis, ax.get_yscale(), ax.get_ylim())):
         if scale == "log":
             axis.set_major_formatter(FuncFormatter(fmt))
-            axis.set_minor_formatter(FuncFormatter(lambda v, p: fmt(v, p) if str(f"{v:.0e}")[0] in "25" else ""))
+            few = max(limits) / max(min(limits), 1e-300) < 300  # label 2 and 5 between powers of ten only on short axes
+            axis.set_minor_formatter(FuncFormatter(lambda v, p: fmt(v, p) if few and f"{v:.0e}"[0] in "25" else ""))
