@@ -7,7 +7,8 @@ with an index page; ``FIGURES`` maps each figure's name to its preset class.
 from toolkit.figures.base import Figure, crossover
 from toolkit.figures.communication import SinghCommunication
 from toolkit.figures.health import SplitHealth
+from toolkit.figures.ring import RingLoan
 
-FIGURES: dict[str, type[Figure]] = {cls.name: cls for cls in (SinghCommunication, SplitHealth)}
+FIGURES: dict[str, type[Figure]] = {cls.name: cls for cls in (SinghCommunication, SplitHealth, RingLoan)}
 
-__all__ = ["FIGURES", "Figure", "SinghCommunication", "SplitHealth", "crossover"]
+__all__ = ["FIGURES", "Figure", "RingLoan", "SinghCommunication", "SplitHealth", "crossover"]
