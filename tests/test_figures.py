@@ -86,6 +86,9 @@ def test_the_communication_figure_draws_four_labelled_log_panels_and_saves(singh
     preset, frame = singh
     fig, axes = preset.plot(frame)
     assert axes.shape == (2, 2)
+    fig.canvas.draw()
+    major, minor = ([t.get_text() for t in axes[1, 0].get_xticklabels(minor=m) if t.get_text()] for m in (False, True))
+    assert "100" in major and "200" in minor and not any("^" in t for t in major + minor)  # plain numbers
     for ax in axes.flat:
         assert ax.get_xscale() == ax.get_yscale() == "log" and "per epoch" in ax.get_ylabel() and ax.get_xlabel()
         assert len(ax.lines) >= 5  # two formulas, two measured, the crossover marker

@@ -77,7 +77,7 @@ def write_index(entries: list[dict[str, Any]], out: str | Path) -> Path:
                      + "".join(f"<li>{esc(a)}</li>" for a in e["anchors"]) + "</ul></div>"
                      f"<p><img src='{esc(e['png'])}' alt='{esc(e['title'])}'></p>"
                      f"<p>{esc(mode)}; ran in {e['seconds']:.1f} s; data: <a href='{esc(e['csv'])}'>{esc(e['csv'])}</a> "
-                     f"({e['rows']} rows)</p><details><summary>settings</summary><pre>"
+                     f"({e['rows']} rows); notebook: <code>notebooks/figures/{esc(e['name'])}.ipynb</code></p><details><summary>settings</summary><pre>"
                      f"{esc(json.dumps(e['settings'], indent=1, default=str))}</pre></details></section>")
     parts.append("</body></html>")
     index = out / "index.html"

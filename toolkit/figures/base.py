@@ -9,6 +9,7 @@ the paper's), and ``plot(frame)`` draws it with the published values marked and 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import pandas as pd
 
 
 @dataclass
-class Figure:
+class Figure(ABC):
     """Base of the paper-figure presets: subclasses set the class attributes and implement
     :meth:`run`, :meth:`plot` and :meth:`smoke`."""
 
@@ -29,17 +30,17 @@ class Figure:
     anchors: ClassVar[tuple[str, ...]] = ()  # the published numbers the figure is checked against, quoted
 
     @classmethod
+    @abstractmethod
     def smoke(cls) -> Figure:
         """Settings that run in seconds (tests and ``--smoke``)."""
-        raise NotImplementedError(f"{cls.__name__} has no smoke preset")
 
+    @abstractmethod
     def run(self, *, show_progress: bool = False) -> pd.DataFrame:
         """Measure; one tidy row per measurement."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement run()")
 
+    @abstractmethod
     def plot(self, frame: pd.DataFrame) -> tuple[Any, Any]:
         """Draw ``frame`` (what :meth:`run` returned) beside the published values; (fig, axes)."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement plot()")
 
     def settings(self) -> dict[str, Any]:
         """The preset's fields, for the index page and the CSV's provenance."""

@@ -76,7 +76,8 @@ class SinghCommunication(Figure):
     name = "05_singh_communication"
     title = "Split learning against federated learning communication, as clients and data grow"
     source = ("Singh, Vepakomma, Gupta, Raskar, \"Detailed comparison of communication efficiency of split "
-              "learning and federated learning\", arXiv 1909.09145 (2019), Table 1")
+              "learning and federated learning\", arXiv 1909.09145 (2019), Table 1 (as reviews quote it: "
+              "../shared/literature/federated.md, section 7; the PDF text was not retrieved)")
     anchors = ("Split learning with client weight sharing: 2(p/K)q + eta*N values per client, 2pq + eta*N*K in total",
                "Federated learning: 2N values per client, 2KN in total",
                "Split learning is cheaper iff p/K < (2 - eta)N/(2q): more clients or bigger models favour split "
