@@ -66,6 +66,20 @@ def test_fedavg_moves_exactly_2n_per_client_and_the_relay_exactly_the_split_form
     assert (formula.bytes_per_client == 2 * n * 4).all()
 
 
+def test_the_default_model_has_the_sizes_its_comments_state_and_the_first_epoch_one_hand_off_less():
+    shape = SinghCommunication().shape()
+    assert (shape["N"], shape["q"]) == (269_322, 256) and shape["eta"] == pytest.approx(0.746, abs=1e-3)
+    from toolkit.parties import flat_state
+    from toolkit.split import Relay, SplitConfig
+
+    preset = SinghCommunication.smoke()
+    client, server = preset.parts()
+    relay = Relay(client, server, preset._data(200, 4), config=SplitConfig(batch_size=32, record=False))
+    relay.fit(1)
+    weights = relay.wire.ledger().groupby("kind")["bytes"].sum()["weights"]
+    assert weights == 3 * flat_state(client).numel() * 4  # K - 1 hand-offs; the preset measures the second epoch
+
+
 def test_the_crossover_is_found_where_the_measured_curves_cross(singh):
     preset, frame = singh
     cross = frame.attrs["crossover"]
@@ -183,6 +197,9 @@ def test_make_figures_writes_each_png_and_csv_and_an_index_with_the_anchors(tmp_
     assert "0.1548 TFLOPs" in index and "within 5% of centralized" in index and "smoke settings" in index
     with pytest.raises(ValueError, match="unknown figure"):
         generate(["99_nothing"], out=tmp_path)
+    (tmp_path / "index.json").write_text("{not json")  # a damaged ledger is rebuilt from the run
+    generate(["08_ring_loan"], out=tmp_path, smoke=True)
+    assert (tmp_path / "index.html").read_text().count("<section") == 1
 
 
 def test_every_figure_has_a_preset_with_its_source_and_anchors_and_is_importable_from_experiments():
