@@ -53,17 +53,23 @@ def test_fedavg_moves_exactly_2n_per_client_and_the_relay_exactly_the_split_form
     assert (n, q) == (64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10, 32)
     measured = frame[frame.source == "measured"]
     fed = measured[measured.method == "federated"]
-    assert (fed.bytes_per_client == 2 * n * 4).all() and (fed.bytes_update == fed.bytes_weights).all()
+    assert (fed[fed.sweep != "parameters"].bytes_per_client == 2 * n * 4).all()
+    assert (fed.bytes_update == fed.bytes_weights).all()
     split = measured[measured.method == "split"]
-    assert len(split) == len(preset.clients) + len(preset.dataset_sizes)
+    assert len(split) == len(preset.clients) + len(preset.dataset_sizes) + len(preset.server_widths)
     for _, row in split.iterrows():
-        per, total = split_values(row.dataset_size, row.clients, q, n, eta)
+        per, total = split_values(row.dataset_size, row.clients, q, row.parameters, row.eta)
         assert row.bytes == pytest.approx(total * 4, abs=0.5)  # exact: activations, gradients, K hand-offs
         assert row.bytes_per_client == pytest.approx(per * 4, abs=0.5)
         assert row.bytes_activations == row.bytes_gradients == row.dataset_size * q * 4
         assert row.bytes_labels == row.dataset_size * 8  # int64 labels: not in the paper's count
+    assert (fed.bytes_per_client == 2 * fed.parameters * 4).all()
+    assert sorted(fed[fed.sweep == "parameters"].parameters) == [
+        preset.shape(h)["N"] for h in preset.server_widths]  # the server's layers grow ...
+    assert (split.eta * split.parameters).round().nunique() == 1  # ... and the client's part stays
     formula = frame[(frame.source == "formula") & (frame.method == "federated")]
-    assert (formula.bytes_per_client == 2 * n * 4).all()
+    assert (formula[formula.sweep != "parameters"].bytes_per_client == 2 * n * 4).all()
+    assert (formula.bytes_per_client == 2 * formula.parameters * 4).all()
 
 
 def test_the_default_model_has_the_sizes_its_comments_state_and_the_first_epoch_one_hand_off_less():
@@ -84,14 +90,18 @@ def test_the_crossover_is_found_where_the_measured_curves_cross(singh):
     preset, frame = singh
     cross = frame.attrs["crossover"]
     assert cross["clients_formula"] == pytest.approx(crossover_clients(600, 32, frame.attrs["N"], frame.attrs["eta"]))
-    for sweep, values in (("clients", preset.clients), ("dataset_size", preset.dataset_sizes)):
+    n_star = 600 / 4 * 32 + frame.attrs["N_client"] / 2  # 2(p/K)q + eta N = 2N
+    assert cross["parameters_formula"] == pytest.approx(n_star)
+    widths = [preset.shape(h)["N"] for h in preset.server_widths]
+    for sweep, values in (("clients", preset.clients), ("dataset_size", preset.dataset_sizes), ("parameters", widths)):
         measured = cross[f"{sweep}_measured"]
         assert min(values) < measured < max(values)
         assert measured == pytest.approx(cross[f"{sweep}_formula"], rel=0.05)
         m = frame[(frame.sweep == sweep) & (frame.source == "measured")].pivot_table(
             index=sweep, columns="method", values="bytes_per_client")
         below, above = m[m.index < measured], m[m.index > measured]
-        cheaper_split_below = sweep == "dataset_size"  # little data per client favours split learning
+        cheaper_split_below = sweep == "dataset_size"  # little data per client favours split learning, as do
+                                                       # more clients and bigger models
         assert ((below.split < below.federated) == cheaper_split_below).all()
         assert ((above.split > above.federated) == cheaper_split_below).all()
 
@@ -99,7 +109,7 @@ def test_the_crossover_is_found_where_the_measured_curves_cross(singh):
 def test_the_communication_figure_draws_four_labelled_log_panels_and_saves(singh, tmp_path):
     preset, frame = singh
     fig, axes = preset.plot(frame)
-    assert axes.shape == (2, 2)
+    assert axes.shape == (3, 2)
     fig.canvas.draw()
     major, minor = ([t.get_text() for t in axes[1, 0].get_xticklabels(minor=m) if t.get_text()] for m in (False, True))
     assert "100" in major and "200" in minor and not any("^" in t for t in major + minor)  # plain numbers
@@ -115,7 +125,7 @@ def test_the_communication_figure_draws_four_labelled_log_panels_and_saves(singh
 
 @pytest.mark.parametrize("changes, message", [
     (dict(clients=(1, 4)), "at least 2 clients"), (dict(clients=(4,)), "at least two values"),
-    (dict(cut=9), "cut must leave layers"), (dict(dataset_size=10, clients=(2, 8)), "fewer than 2 samples"),
+    (dict(cut=4), "cut must leave the last hidden layer"), (dict(server_widths=(8,)), "at least two values"), (dict(dataset_size=10, clients=(2, 8)), "fewer than 2 samples"),
     (dict(lr=0), "lr")])
 def test_bad_communication_settings_are_refused_by_name(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -86,7 +86,10 @@ class SinghCommunication(Figure):
     clients: tuple[int, ...] = (2, 5, 10, 20, 50, 100)   # K swept with the dataset size fixed
     dataset_size: int = 10_000                            # p in the sweep over K
     dataset_sizes: tuple[int, ...] = (1_000, 2_000, 5_000, 10_000, 20_000, 50_000)  # p swept with K fixed
-    fixed_clients: int = 10                               # K in the sweep over p
+    fixed_clients: int = 10                               # K in the sweeps over p and over the model size
+    server_widths: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)  # the last hidden width, swept with
+                                                          # p = dataset_size and K = fixed_clients: the server's
+                                                          # layers grow (N from 218k to 1.29M), the cut stays
     features: int = 784                                   # input values per sample (MNIST-shaped, 28x28)
     hidden: tuple[int, ...] = (256, 256)                  # MLP hidden widths: N = 269,322 on 784 inputs
     classes: int = 10                                     # output classes
@@ -100,11 +103,13 @@ class SinghCommunication(Figure):
         self.clients = tuple(validate.positive_int("clients entries", k) for k in self.clients)
         self.dataset_sizes = tuple(validate.positive_int("dataset_sizes entries", p) for p in self.dataset_sizes)
         self.hidden = tuple(validate.positive_int("hidden entries", h) for h in self.hidden)
+        self.server_widths = tuple(validate.positive_int("server_widths entries", h) for h in self.server_widths)
         for name in ("dataset_size", "fixed_clients", "features", "classes", "cut", "batch_size"):
             validate.positive_int(name, getattr(self, name))
         validate.positive("lr", self.lr)
         for what, ks, ps in (("clients", self.clients, [self.dataset_size]),
-                             ("dataset_sizes", [self.fixed_clients], self.dataset_sizes)):
+                             ("dataset_sizes", [self.fixed_clients], self.dataset_sizes),
+                             ("server_widths", [self.fixed_clients], [self.dataset_size] * len(self.server_widths))):
             if len(ks) * len(ps) < 2:
                 raise ValueError(f"{what} needs at least two values to draw a curve")
             if min(ks) < 2:
@@ -112,35 +117,38 @@ class SinghCommunication(Figure):
             if min(ps) < 2 * max(ks):
                 raise ValueError(f"the {what} sweep gives a client fewer than 2 samples ({min(ps)} samples, "
                                  f"{max(ks)} clients)")
-        if not 1 <= self.cut <= len(self.hidden) * 2:
-            raise ValueError(f"cut must leave layers on both sides (1 to {len(self.hidden) * 2}), got {self.cut}")
+        if not 1 <= self.cut <= len(self.hidden) * 2 - 1:
+            raise ValueError(f"cut must leave the last hidden layer (whose width server_widths sweeps) to the server: "
+                             f"1 to {len(self.hidden) * 2 - 1}, got {self.cut}")
 
     @classmethod
     def smoke(cls) -> SinghCommunication:
-        """64 inputs, a 64-32-32-10 MLP, K in 2-16 and p in 100-800: a few seconds."""
+        """64 inputs, a 64-32-32-10 MLP, K in 2-16, p in 100-800, server widths 8-512: a few seconds."""
         return cls(clients=(2, 4, 8, 16), dataset_size=600, dataset_sizes=(100, 200, 400, 800), fixed_clients=4,
-                   features=64, hidden=(32, 32), batch_size=32)
+                   server_widths=(8, 32, 128, 512), features=64, hidden=(32, 32), batch_size=32)
 
-    def parts(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """The client's and the server's parts of the (seeded) MLP."""
+    def parts(self, width: int | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The client's and the server's parts of the (seeded) MLP; ``width`` replaces the last
+        hidden width (None: ``hidden`` as it is)."""
+        hidden = self.hidden if width is None else (*self.hidden[:-1], width)
         seed_everything(self.seed)
-        return models.cut(models.mlp([self.features, *self.hidden, self.classes]), at=self.cut)
+        return models.cut(models.mlp([self.features, *hidden, self.classes]), at=self.cut)
 
-    def shape(self) -> dict[str, float]:
-        """The paper's model symbols for our model: N, q and eta."""
-        client, server = self.parts()
+    def shape(self, width: int | None = None) -> dict[str, float]:
+        """The paper's model symbols for our model: N, q and eta (and N_client = eta N)."""
+        client, server = self.parts(width)
         n_client, n = flat_state(client).numel(), flat_state(client).numel() + flat_state(server).numel()
         q = int(client(torch.zeros(1, self.features)).numel())
-        return {"N": n, "q": q, "eta": n_client / n}
+        return {"N": n, "q": q, "eta": n_client / n, "N_client": n_client}
 
     def _data(self, p: int, k: int) -> list[datasets.Dataset]:
         ds = synthetic(p, self.features, self.classes, generator=torch.Generator().manual_seed(self.seed))
         return datasets.partition(ds, k, seed=self.seed)
 
-    def measure_split(self, p: int, k: int) -> dict[str, float]:
+    def measure_split(self, p: int, k: int, width: int | None = None) -> dict[str, float]:
         """Bytes of one steady-state epoch of the relay (its second: the first has K-1 hand-offs,
         every later one K), by kind; ``bytes`` counts what the formula does (no labels)."""
-        client, server = self.parts()
+        client, server = self.parts(width)
         config = SplitConfig(batch_size=self.batch_size, lr=self.lr, seed=self.seed, record=False)
         relay = Relay(client, server, self._data(p, k), config=config)
         relay.fit(1)
@@ -151,9 +159,9 @@ class SinghCommunication(Figure):
         row["bytes"] = row["bytes_activations"] + row["bytes_gradients"] + row["bytes_weights"]
         return row
 
-    def measure_federated(self, p: int, k: int) -> dict[str, float]:
+    def measure_federated(self, p: int, k: int, width: int | None = None) -> dict[str, float]:
         """Bytes of one FedAvg round (every client, one local epoch), by kind."""
-        client, server = self.parts()
+        client, server = self.parts(width)
         config = FedConfig(batch_size=self.batch_size, lr=self.lr, seed=self.seed, record=False)
         fl = FederatedAveraging(torch.nn.Sequential(*client, *server), self._data(p, k), config=config)
         fl.fit(rounds=1)
@@ -161,66 +169,91 @@ class SinghCommunication(Figure):
         return {"bytes_weights": float(kinds.get("weights", 0)), "bytes_update": float(kinds.get("update", 0)),
                 "bytes": float(fl.wire.total_bytes)}
 
-    def _formula_rows(self, sweep: str, grid: list[tuple[float, float]], shape: dict[str, float]) -> list[dict]:
+    def grids(self) -> dict[str, list[tuple[int, int, int]]]:
+        """The measured points of each sweep, as (p, K, last hidden width)."""
+        width = self.hidden[-1]
+        return {"clients": [(self.dataset_size, k, width) for k in self.clients],
+                "dataset_size": [(p, self.fixed_clients, width) for p in self.dataset_sizes],
+                "parameters": [(self.dataset_size, self.fixed_clients, h) for h in self.server_widths]}
+
+    @staticmethod
+    def _row(sweep: str, p: float, k: float, shape: dict[str, float], method: str, source: str, per: float,
+             total: float, **extra: float) -> dict:
+        return {"sweep": sweep, "clients": k, "dataset_size": p, "parameters": shape["N"], "eta": shape["eta"],
+                "method": method, "source": source, "bytes": total, "bytes_per_client": per, **extra}
+
+    def _formula_rows(self, sweep: str, points: list[tuple[float, float, dict[str, float]]]) -> list[dict]:
         rows = []
-        for p, k in grid:
+        for p, k, shape in points:
             for method, (per, total) in (("split", split_values(p, k, shape["q"], shape["N"], shape["eta"])),
                                          ("federated", federated_values(k, shape["N"]))):
-                rows.append({"sweep": sweep, "clients": k, "dataset_size": p, "method": method, "source": "formula",
-                             "bytes": total * BYTES_PER_VALUE, "bytes_per_client": per * BYTES_PER_VALUE})
+                rows.append(self._row(sweep, p, k, shape, method, "formula", per * BYTES_PER_VALUE, total * BYTES_PER_VALUE))
         return rows
 
     def run(self, *, show_progress: bool = False) -> pd.DataFrame:
-        """One row per (sweep, K, p, method, source): ``bytes`` in total and ``bytes_per_client``
-        (total / K, as the paper counts), measured rows with their bytes by kind; the formula is
-        evaluated at the measured points and on a dense grid between them. ``frame.attrs`` holds N,
-        q, eta and the crossovers (formula and measured)."""
-        shape = self.shape()
-        grids = {"clients": [(self.dataset_size, k) for k in self.clients],
-                 "dataset_size": [(p, self.fixed_clients) for p in self.dataset_sizes]}
-        jobs = [(sweep, p, k, method) for sweep, grid in grids.items() for p, k in grid for method in ("split", "federated")]
-        rows = []
-        for sweep, p, k, method in progress(jobs, show=show_progress, desc="Singh et al.: relay and FedAvg"):
-            got = (self.measure_split if method == "split" else self.measure_federated)(p, k)
-            rows.append({"sweep": sweep, "clients": k, "dataset_size": p, "method": method, "source": "measured",
-                         **got, "bytes_per_client": got["bytes"] / k})
+        """One row per (sweep, point, method, source): ``bytes`` in total and ``bytes_per_client``
+        (total / K, as the paper counts), with the point's K, p, N (``parameters``) and eta;
+        measured rows add their bytes by kind. The formula is evaluated at the measured points and on
+        a dense grid between them. ``frame.attrs`` holds N, q and eta of the base model and the
+        crossovers (formula and measured)."""
+        grids = self.grids()
+        jobs = [(sweep, *point, method) for sweep, grid in grids.items() for point in grid
+                for method in ("split", "federated")]
+        rows, shapes = [], {h: self.shape(h) for h in {*self.server_widths, self.hidden[-1]}}
+        for sweep, p, k, h, method in progress(jobs, show=show_progress, desc="Singh et al.: relay and FedAvg"):
+            got = (self.measure_split if method == "split" else self.measure_federated)(p, k, h)
+            total = got.pop("bytes")
+            rows.append(self._row(sweep, p, k, shapes[h], method, "measured", total / k, total, **got))
+        base = shapes[self.hidden[-1]]
         for sweep, grid in grids.items():
-            axis = 1 if sweep == "clients" else 0
-            lo, hi = min(g[axis] for g in grid), max(g[axis] for g in grid)
-            dense = sorted({*np.geomspace(lo, hi, 60).tolist(), *(g[axis] for g in grid)})
-            fixed = grid[0][1 - axis]
-            rows += self._formula_rows(sweep, [(fixed, x) if axis else (x, fixed) for x in dense], shape)
+            if sweep == "parameters":  # N grows with the server's layers: the client part (eta N) and q stay
+                ns = [shapes[h]["N"] for _, _, h in grid]
+                dense = sorted({*np.geomspace(min(ns), max(ns), 60).tolist(), *ns})
+                points = [(grid[0][0], grid[0][1], {**base, "N": n, "eta": base["N_client"] / n}) for n in dense]
+            else:
+                axis = 1 if sweep == "clients" else 0
+                xs = [g[axis] for g in grid]
+                dense = sorted({*np.geomspace(min(xs), max(xs), 60).tolist(), *xs})
+                points = [(grid[0][0], x, base) if axis else (x, grid[0][1], base) for x in dense]
+            rows += self._formula_rows(sweep, points)
         frame = pd.DataFrame(rows)
-        frame.attrs.update(shape)
+        frame.attrs.update(base)
         frame.attrs["crossover"] = self.crossovers(frame)
         return frame
 
     def crossovers(self, frame: pd.DataFrame) -> dict[str, float]:
         """Where split and federated cross in each sweep: the formula's closed form and the
-        interpolation of the measured curves (NaN when they do not cross in the sweep's range)."""
-        shape = {k: frame.attrs.get(k) for k in ("N", "q", "eta")}
+        interpolation of the measured curves (NaN when they do not cross in the sweep's range).
+        Over the model size, split's per-client bytes 2(p/K)q + N_client stay put while federated's
+        2N grow: they cross at N = (p/K)q + N_client/2."""
+        shape = {k: frame.attrs.get(k) for k in ("N", "q", "eta", "N_client")}
         if any(v is None for v in shape.values()):
             shape = self.shape()
-        out = {"clients_formula": crossover_clients(self.dataset_size, shape["q"], shape["N"], shape["eta"]),
-               "dataset_size_formula": crossover_dataset_size(self.fixed_clients, shape["q"], shape["N"], shape["eta"])}
-        for sweep in ("clients", "dataset_size"):
+        q, n, eta = shape["q"], shape["N"], shape["eta"]
+        out = {"clients_formula": crossover_clients(self.dataset_size, q, n, eta),
+               "dataset_size_formula": crossover_dataset_size(self.fixed_clients, q, n, eta),
+               "parameters_formula": float(self.dataset_size / self.fixed_clients * q + shape["N_client"] / 2)}
+        for sweep in ("clients", "dataset_size", "parameters"):
             m = frame[(frame.sweep == sweep) & (frame.source == "measured")]
             split = m[m.method == "split"].sort_values(sweep)
             fed = m[m.method == "federated"].sort_values(sweep)
-            out[f"{sweep}_measured"] = crossover(split[sweep], split.bytes_per_client, fed.bytes_per_client)
+            out[f"{sweep}_measured"] = (crossover(split[sweep], split.bytes_per_client, fed.bytes_per_client)
+                                        if len(split) >= 2 and len(split) == len(fed) else math.nan)
         return out
 
     def plot(self, frame: pd.DataFrame):
-        """2 x 2 log-log panels: rows the sweeps (over K, over p), columns per client and total;
+        """3 x 2 log-log panels: rows the sweeps (over K, p and N), columns per client and total;
         the formulas as lines, the Wire's counts as markers, the crossover as a dotted line."""
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+        fig, axes = plt.subplots(3, 2, figsize=(11, 11.5))
         cross = frame.attrs.get("crossover") or self.crossovers(frame)
         colors = {"split": "tab:blue", "federated": "tab:orange"}
         xlabels = {"clients": f"clients K (p = {self.dataset_size:,} samples in all)",
-                   "dataset_size": f"dataset size p, samples in all (K = {self.fixed_clients} clients)"}
-        for r, sweep in enumerate(("clients", "dataset_size")):
+                   "dataset_size": f"dataset size p, samples in all (K = {self.fixed_clients} clients)",
+                   "parameters": f"model parameters N (the server's layers grow; K = {self.fixed_clients}, "
+                                 f"p = {self.dataset_size:,})"}
+        for r, sweep in enumerate(("clients", "dataset_size", "parameters")):
             part = frame[frame.sweep == sweep]
             for c, column in enumerate(("bytes_per_client", "bytes")):
                 ax = axes[r, c]
@@ -246,8 +279,8 @@ class SinghCommunication(Figure):
         handles, labels = axes[0, 0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
         attrs = frame.attrs
-        fig.suptitle(f"Split learning (relay, weight sharing) against FedAvg: bytes per epoch, float32\n"
+        fig.suptitle(f"Split learning (relay, weight sharing) against FedAvg: bytes per epoch, float32\nbase "
                      f"MLP N = {attrs.get('N', 0):,} parameters, cut q = {attrs.get('q', 0):,} values, "
                      f"eta = {attrs.get('eta', 0):.3f}; lines: Singh et al. 2019 Table 1", fontsize=10)
-        fig.tight_layout(rect=(0, 0.04, 1, 1))
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
         return fig, axes
