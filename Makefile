@@ -24,7 +24,7 @@ TORCH_PIN := $(shell sed -n 's/^\(torch==[^ ]*\).*/\1/p' constraints.txt)
 LAB_FLAGS := --port=$(PORT) $(if $(filter no,$(BROWSER)),--no-browser,) $(if $(filter 0,$(shell id -u)),--allow-root,)
 XDIST     := $(if $(filter 0 1,$(JOBS)),,-n $(JOBS) --dist loadgroup)
 
-.PHONY: demo test lab dashboard bench clean
+.PHONY: demo test lab dashboard bench figures clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ lab: $(STAMP)
 dashboard: $(STAMP)
 	$(VENV)/bin/voila notebooks/01_leakage_explorer.ipynb --Voila.ip=127.0.0.1 --port=$(PORT) \
 		$(if $(filter no,$(BROWSER)),--no-browser,)
+
+# Every paper figure (toolkit.figures) into reports/figures/: a PNG and its CSV each, and index.html.
+figures: $(STAMP)
+	$(PY) -m toolkit.figures --out reports/figures
 
 bench: $(STAMP)
 	$(PY) benchmarks/split_overhead.py

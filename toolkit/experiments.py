@@ -219,3 +219,13 @@ class SplitExperiment:
 
         return sweep(trial, values, seeds=seeds, parameter=parameter, show_progress=show_progress,
                      desc=f"{self.dataset}: sweep over {parameter}")
+
+
+def __getattr__(name: str) -> Any:
+    """The paper-figure presets (:mod:`toolkit.figures`) are importable from here too, e.g.
+    ``from toolkit.experiments import SinghCommunication``."""
+    from toolkit import figures
+
+    if name in figures.__all__:
+        return getattr(figures, name)
+    raise AttributeError(f"module 'toolkit.experiments' has no attribute {name!r}")
