@@ -56,6 +56,60 @@ def test_send_recv_every_dtype_and_any_source(encrypt):
     assert sender == {"reply": [0.0, 1.0, 2.0, 3.0], "src": 1}
 
 
+def scenario_tamper(rank, world, port, encrypt):
+    """rank 0 sends: a good message, one with a flipped payload byte, one with a relabelled header,
+    a good one and its replay, then a good one; rank 1 reports what each receive did."""
+    with _join(rank, world, port, encrypt) as group:
+        if rank == 0:
+            post = group._post
+            sent = []
+
+            def tamper(how):
+                def patched(header, payload, dst, kind):
+                    header, payload = header.clone(), payload.clone()
+                    if how == "payload":
+                        payload[len(payload) // 2] ^= 1
+                    elif how == "header":
+                        header[16] ^= 1  # first byte of the kind
+                    sent.append((header, payload))
+                    return post(header, payload, dst, kind)
+                return patched
+
+            for i, how in enumerate(["none", "payload", "header", "none"]):
+                group._post = tamper(how)
+                group.send(torch.full((256,), float(i)), 1, kind=f"m{i}")
+            group._post = post
+            post(*sent[-1], 1, "m3").wait(5.0)  # replay the last good frame as is
+            group.send(torch.full((256,), 5.0), 1, kind="m5")
+            return None
+        out = []
+        for i in range(6):
+            try:
+                got, _ = group.recv(0, like=torch.zeros(256))
+                out.append(got.double().sum().item() / 256)
+            except ValueError as e:
+                out.append(str(e))
+        return out
+
+
+@pytest.mark.parametrize("encrypt", ["aes-gcm", "chacha20-poly1305"])
+def test_tampered_or_replayed_message_fails_authentication(encrypt):
+    _, got = run_ranks(f"{T}:scenario_tamper", 2, [encrypt])
+    assert got[0] == 0.0 and got[3] == 3.0 and got[5] == 5.0  # the good ones, also after the rejections
+    for i in (1, 2, 4):
+        assert "failed authentication" in got[i] and "from rank 0" in got[i], got[i]
+    assert "'m1'" in got[1] and "'m3'" in got[4] and "replay" in got[4]
+
+
+def test_without_encryption_tampering_goes_unnoticed_but_replays_do_not():
+    """What the encryption option is for: a plain group accepts a modified payload."""
+    _, got = run_ranks(f"{T}:scenario_tamper", 2, [None])
+    assert got[0] == 0.0 and isinstance(got[1], float) and got[1] != 1.0  # the flipped bit was accepted
+    assert "expected 'm2'" not in got[2] and got[2] == 2.0  # a relabelled kind is just another kind
+    assert "as a replay: sequence number 3, expected 4" in got[4]  # the replay repeats a sequence number
+    assert got[5] == 5.0
+
+
 @dataclass
 class Sparse(Packet):
     indices: Tensor
