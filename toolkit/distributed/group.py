@@ -168,8 +168,9 @@ class Group:
                        "the payload of", timeout)
         seq = self._received[src]
         if header.seq < seq:  # an old frame sent again: rejected without consuming the next sequence number
-            raise ValueError(f"message {header.kind!r} from rank {src} failed authentication as a replay: "
-                             f"sequence number {header.seq}, expected {seq}; rejected")
+            verdict = "failed authentication" if self._cipher is not None else "was rejected"
+            raise ValueError(f"message {header.kind!r} from rank {src} {verdict} as a replay: "
+                             f"sequence number {header.seq}, expected {seq}")
         self._received[src] += 1
         if self._cipher is not None:
             aad = header.aad(src=src, dst=self.rank, seq=seq)
