@@ -142,7 +142,7 @@ class Wire:
             entry[1] += nbytes
         self.total_bytes += nbytes
         delivered = self.transport.deliver(tensor, sender=sender, receiver=receiver, kind=kind)
-        if self.recording:  # what was delivered: across processes, what actually arrived here
+        if self.recording:  # what was delivered: across processes, the receiver's copy is the real one
             if (isinstance(delivered, Tensor) and isinstance(sender, str) and type(receiver) is tuple
                     and len(delivered) > 1 and delivered.stride(0) == 0):
                 # one row expanded to every receiver (transforms left it alone): record it once
@@ -166,7 +166,11 @@ class Wire:
         entry[0] += len(receivers)
         entry[1] += nbytes * len(receivers)
         self.total_bytes += nbytes * len(receivers)
-        delivered = self.transport.deliver(tensor, sender=sender, receiver=receivers, kind=kind)
+        deliver = getattr(self.transport, "deliver_broadcast", None)  # a transport that sends it once per host
+        if deliver is not None:
+            delivered = deliver(tensor, sender=sender, receivers=receivers, kind=kind)
+        else:
+            delivered = self.transport.deliver(tensor, sender=sender, receiver=receivers, kind=kind)
         if self.recording:
             self._records.append(Record(self.step, sender, receivers, kind, delivered.detach().clone(),
                                          self.phase, broadcast=True))
