@@ -3,8 +3,8 @@
 ``Wire.send`` applies the wire's transforms (defenses such as activation noise), counts the
 bytes, delivers the tensor through its transport and records a detached copy of what was
 delivered in the transcript, stamped with step, sender, receiver and kind (in-process that is
-what was sent; across processes, what arrived in this process). Attacks read only ``wire.observed(by=...)``:
-exactly what that party received. Ground truth stays with the caller.
+what was sent; across processes, what arrived in this process). Attacks read only
+``wire.observed(by=...)``: exactly what that party received. Ground truth stays with the caller.
 
 A vectorized simulation sends many parties' tensors in one call: pass a tuple of names as
 ``sender`` (or ``receiver``) and a tensor stacked along dim 0, one row per name. The Wire counts
