@@ -50,30 +50,41 @@ def processes():
     return ctx
 
 
-def launch(ctx, tmp_path, world: int, args: list[str], per_rank: dict[int, list[str]] | None = None) -> list[dict]:
+def run_ranks(ctx, tmp_path, world: int, args: list[str], per_rank: dict[int, list[str]] | None = None, *,
+              peer_timeout: float = 20.0) -> list[str | None]:
     """Run ``split --rank R --world N ...`` for every rank, each in its own process; returns each
-    rank's outcome (``--out``). A failure or an overrun kills every process still running."""
+    rank's error (a traceback; None when it succeeded). An overrun kills every process still running."""
     port, procs = free_port(), []
     base = [a for k, v in ARGS.items() for a in (f"--{k}", str(v))]
     try:
         for rank in range(world):
             argv = ["split", "--rank", str(rank), "--world", str(world), "--addr", "127.0.0.1", "--port", str(port),
-                    "--timeout", "20", "--out", str(tmp_path / f"rank{rank}.pt"), *base, *args,
+                    "--timeout", str(peer_timeout), "--out", str(tmp_path / f"rank{rank}.pt"), *base, *args,
                     *(per_rank or {}).get(rank, [])]
             p = ctx.Process(target=run_rank, args=(argv, str(tmp_path / f"rank{rank}.err")), daemon=True)
             p.start()
             procs.append(p)
         deadline = time.monotonic() + LAUNCH_TIMEOUT
-        for rank, p in enumerate(procs):
+        for p in procs:
             p.join(max(0.1, deadline - time.monotonic()))
+        errors = []
+        for rank, p in enumerate(procs):
             err = tmp_path / f"rank{rank}.err"
             assert p.exitcode is not None, f"rank {rank} still running after {LAUNCH_TIMEOUT} s"
-            assert p.exitcode == 0, f"rank {rank} failed:\n{err.read_text() if err.exists() else p.exitcode}"
+            errors.append(None if p.exitcode == 0 else err.read_text() if err.exists() else f"exit {p.exitcode}")
+        return errors
     finally:
         for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join(5)
+
+
+def launch(ctx, tmp_path, world: int, args: list[str], per_rank: dict[int, list[str]] | None = None) -> list[dict]:
+    """:func:`run_ranks`, every rank succeeding; returns each rank's outcome (``--out``)."""
+    errors = run_ranks(ctx, tmp_path, world, args, per_rank)
+    for rank, error in enumerate(errors):
+        assert error is None, f"rank {rank} failed:\n{error}"
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
@@ -172,9 +183,10 @@ def test_u_shaped_with_noise_keeps_labels_in_the_client_process(processes, tmp_p
                                                    for p in m.parameters())  # head and tail
 
 
-def test_relay_of_two_clients_and_a_server_in_three_processes(processes, tmp_path):
+def test_relay_of_two_clients_and_a_server_in_three_encrypted_processes(processes, tmp_path):
     split, history, _, ds = reference("relay", 3, noise_seed=11)
-    outcomes = launch(processes, tmp_path, 3, ["--config", "relay", "--noise", "0.3", "--noise-seed", "11"])
+    outcomes = launch(processes, tmp_path, 3, ["--config", "relay", "--noise", "0.3", "--noise-seed", "11",
+                                               "--encrypt", "aes-gcm"])
     assert [o["hosted"] for o in outcomes] == [["server"], ["client:0"], ["client:1"]]
     check_against(outcomes, split, history, loss_rank=0)
     for o, party in zip(outcomes, ["server", "client:0", "client:1"]):
@@ -188,6 +200,14 @@ def test_relay_of_two_clients_and_a_server_in_three_processes(processes, tmp_pat
         for name, held in o["held"].items():
             if name != "server":
                 assert (name == party) == (held["x"] > 0 and held["y"] > 0), (o["rank"], name)  # only its own
+
+
+def test_a_server_whose_model_does_not_fit_the_clients_activations_fails_naming_them(processes, tmp_path):
+    errors = run_ranks(processes, tmp_path, 2, ["--config", "vanilla"], per_rank={0: ["--hidden", "48,32"]},
+                       peer_timeout=5.0)
+    assert errors[0] is not None and "ValueError" in errors[0]
+    assert "'activations' from 'client' (rank 1) to 'server' (rank 0)" in errors[0] and "(128, 48)" in errors[0]
+    assert errors[1] is not None  # the client does not hang: its peer is gone (an error, or a timeout)
 
 
 # -- in one process: hosts, descriptions, shadows ------------------------------------------------

@@ -50,6 +50,16 @@ def noise(sigma: float, seed: int):
     return GaussianNoise(sigma, generator=torch.Generator().manual_seed(seed))
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"--hidden takes two positive sizes like 64,32, got {text!r}")
+    return sizes
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--rank", type=int, required=True, help="this process's rank (0: the server, hosts the store)")
     parser.add_argument("--world", type=int, required=True, help="number of processes")
@@ -62,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0, help="the same in every process")
+    parser.add_argument("--hidden", type=_sizes, default=(64, 32), help="hidden layer sizes, e.g. 64,32")
     parser.add_argument("--handoff", choices=("peer", "server"), default="peer", help="relay weight hand-off")
     parser.add_argument("--noise", type=float, default=0.0, help="Gaussian activation noise sigma (0: none)")
     parser.add_argument("--noise-seed", type=int, default=0, help="seed of the noise generator")
@@ -92,7 +103,7 @@ def run_from_args(args: argparse.Namespace) -> Outcome:
     with join(args.rank, args.world, addr=args.addr, port=args.port, timeout=args.timeout,
               encrypt=args.encrypt) as group:
         outcome = run(args.config, group, hosts, datasets,
-                      lambda shape, n: make_parts(args.config, shape, n, seed=args.seed),
+                      lambda shape, n: make_parts(args.config, shape, n, seed=args.seed, hidden=args.hidden),
                       config=config, transforms=transforms, epochs=args.epochs, handoff=args.handoff,
                       evaluate=args.evaluate)
     _print(args, outcome)
