@@ -21,7 +21,7 @@ from toolkit.distributed.split_cli import client_data, make_parts, noise
 from toolkit.split import SplitConfig
 
 LAUNCH_TIMEOUT = 60.0  # seconds for a whole multi-process run (each process also waits <= 20 s per peer)
-ARGS = {"batch-size": 128, "lr": 0.05, "seed": 0}
+ARGS = {"batch-size": 128, "lr": 0.1, "momentum": 0.9, "seed": 0, "epochs": 1}
 
 
 def free_port() -> int:
@@ -96,11 +96,11 @@ def reference(configuration: str, world: int, *, noise_seed: int | None = None, 
     hosts = default_hosts(configuration, world)
     datasets = {p: client_data(configuration, p, ds, n_clients=n_clients, seed=ARGS["seed"])
                 for p in hosts if p.startswith("client")}
-    config = SplitConfig(batch_size=ARGS["batch-size"], lr=ARGS["lr"], seed=ARGS["seed"])
+    config = SplitConfig(batch_size=ARGS["batch-size"], lr=ARGS["lr"], momentum=ARGS["momentum"], seed=ARGS["seed"])
     transforms = [noise(sigma, noise_seed)] if noise_seed is not None else []
     split = build(configuration, make_parts(configuration, ds.shape, ds.n_classes, seed=ARGS["seed"]), datasets,
                   config=config, transforms=transforms, handoff=handoff)
-    history = split.fit(1)
+    history = split.fit(ARGS["epochs"])
     evaluation = split.evaluate() if evaluate else {}
     return split, history, evaluation, ds
 

@@ -68,9 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--config", choices=CONFIGURATIONS, default="vanilla", help="split configuration")
     parser.add_argument("--dataset", default="digits", help="dataset name for toolkit.data.load (clients only)")
     parser.add_argument("--root", default=None, help="dataset folder (clients only)")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0, help="the same in every process")
     parser.add_argument("--hidden", type=_sizes, default=(64, 32), help="hidden layer sizes, e.g. 64,32")
     parser.add_argument("--handoff", choices=("peer", "server"), default="peer", help="relay weight hand-off")
@@ -98,7 +99,7 @@ def run_from_args(args: argparse.Namespace) -> Outcome:
     if mine:
         ds = load(args.dataset, root=args.root, seed=args.seed)
         datasets = {p: client_data(args.config, p, ds, n_clients=n_clients, seed=args.seed) for p in mine}
-    config = SplitConfig(batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    config = SplitConfig(batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, seed=args.seed)
     transforms = [noise(args.noise, args.noise_seed)] if args.noise > 0 else []
     with join(args.rank, args.world, addr=args.addr, port=args.port, timeout=args.timeout,
               encrypt=args.encrypt) as group:
