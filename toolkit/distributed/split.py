@@ -24,8 +24,8 @@ client in U-shaped); :func:`run` reports NaN for them elsewhere.
 
 A sender-side wire transform (e.g. activation noise) need not be known to the receiver: in
 vanilla split learning the server process may seed the client's noise generator differently
-(only the client's real draws reach it); in U-shaped both sides send activations through the
-same transforms, so the processes must share the transform's seed to equal the in-process run.
+(only the client's real draws reach it). In U-shaped the server's activations go through the
+same transform (one generator, draws interleaved), so there the processes share its seed.
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 
 import torch
@@ -103,11 +104,12 @@ def run_from_args(args: argparse.Namespace) -> Outcome:
     transforms = [noise(args.noise, args.noise_seed)] if args.noise > 0 else []
     with join(args.rank, args.world, addr=args.addr, port=args.port, timeout=args.timeout,
               encrypt=args.encrypt) as group:
+        start = time.perf_counter()  # from the moment every rank has joined
         outcome = run(args.config, group, hosts, datasets,
                       lambda shape, n: make_parts(args.config, shape, n, seed=args.seed, hidden=args.hidden),
                       config=config, transforms=transforms, epochs=args.epochs, handoff=args.handoff,
                       evaluate=args.evaluate)
-    _print(args, outcome)
+    _print(args, outcome, time.perf_counter() - start)
     if args.out:
         torch.save(as_plain(outcome), args.out)
     return outcome
@@ -124,10 +126,10 @@ def as_plain(outcome: Outcome) -> dict:
             "held": outcome.held, "evaluation": dict(outcome.evaluation)}
 
 
-def _print(args: argparse.Namespace, outcome: Outcome) -> None:
+def _print(args: argparse.Namespace, outcome: Outcome, seconds: float) -> None:
     history = outcome.history
     line = {"rank": outcome.rank, "hosts": outcome.hosted, "steps": len(history),
-            "bytes": outcome.total_bytes}
+            "bytes": outcome.total_bytes, "seconds": round(seconds, 2)}
     if LOSS_PARTY[args.config] in outcome.hosted:
         line["last_loss"] = round(float(history["loss"].iloc[-1]), 4)
         line.update({f"test_{k}": round(v, 4) for k, v in outcome.evaluation.items()})
