@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from distributed_helpers import collect, free_port, run_ranks, start
+from toolkit.distributed import framing
 from toolkit.messages import Packet
 from toolkit.wire import Wire
 
@@ -22,7 +23,11 @@ def _values(g: torch.Generator) -> dict[str, Tensor]:
     return {"f32": torch.randn(3, 4, generator=g), "i64": torch.randint(-9, 9, (5,), generator=g),
             "bool": torch.rand(2, 3, generator=g) > 0.5, "bf16": torch.randn(7, generator=g).to(torch.bfloat16),
             "scalar": torch.tensor(3.5, dtype=torch.float64), "empty": torch.zeros(0, 4),
-            "u8": torch.randint(0, 255, (2, 2, 2), generator=g, dtype=torch.uint8)}
+            "u8": torch.randint(0, 255, (2, 2, 2), generator=g, dtype=torch.uint8),
+            # around the end of the first message (framing.INLINE payload bytes), with and without the tag
+            **{f"edge{n}": torch.randint(0, 255, (n,), generator=g, dtype=torch.uint8)
+               for n in (framing.INLINE - framing.TAG_BYTES, framing.INLINE - 1, framing.INLINE, framing.INLINE + 1)},
+            "big": torch.randn(300, 500, generator=g)}
 
 
 def _join(rank, world, port, encrypt=None, timeout=15.0):

@@ -1,5 +1,9 @@
 """The message frame: a fixed int64 header (plain metadata) followed by the payload bytes.
 
+A frame is one fixed-size message of ``FIRST_BYTES`` (the header, then the first ``INLINE``
+payload bytes, zero padded), and, for a longer payload, a second message with the rest: a small
+tensor costs one gloo round of latency instead of two.
+
 Only tensors cross: the header is an int64 tensor of ``HEADER_LEN`` entries, the payload a flat
 uint8 tensor (the tensor's bytes, or nonce-free ciphertext plus tag when encrypted). Nothing is
 pickled or ``torch.load``-ed on either side; the receiver rebuilds the tensor from the dtype code
@@ -19,6 +23,9 @@ from torch import Tensor
 
 MAGIC = 0x4C4B4C4231  # "LKLB1"
 HEADER_LEN = 24
+HEADER_BYTES = 8 * HEADER_LEN
+FIRST_BYTES = 4096  # the first message of a frame: the header, then up to INLINE payload bytes
+INLINE = FIRST_BYTES - HEADER_BYTES  # a payload this small travels in one message; the rest in a second
 MAX_DIMS = 8
 MAX_KIND = 64
 TAG_BYTES = 16  # AEAD authentication tag appended to the ciphertext

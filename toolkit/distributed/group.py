@@ -136,10 +136,14 @@ class Group:
         return self._post(header, payload, dst, kind)
 
     def _post(self, header: Tensor, payload: Tensor, dst: int, kind: str) -> PendingSend:
-        works = [dist.isend(header, dst, tag=HEADER_TAG)]
-        if payload.numel():
-            works.append(dist.isend(payload, dst, tag=PAYLOAD_TAG))
-        return PendingSend(self, works, (header, payload), dst, kind)
+        first = torch.zeros(framing.FIRST_BYTES, dtype=torch.uint8)  # header + the payload's first bytes
+        first[:framing.HEADER_BYTES] = header.view(torch.uint8)
+        inline = min(payload.numel(), framing.INLINE)
+        first[framing.HEADER_BYTES:framing.HEADER_BYTES + inline] = payload[:inline]
+        works = [dist.isend(first, dst, tag=HEADER_TAG)]
+        if payload.numel() > inline:
+            works.append(dist.isend(payload[inline:], dst, tag=PAYLOAD_TAG))
+        return PendingSend(self, works, (first, payload), dst, kind)
 
     def recv(self, src: int | None = None, *, like: Tensor | None = None, kind: str = "",
              timeout: float | None = None) -> tuple[Tensor, int]:
@@ -152,19 +156,21 @@ class Group:
         self._check_open()
         if src is not None:
             self._check_peer(src, "src")
-        words = torch.zeros(framing.HEADER_LEN, dtype=torch.int64)
-        work = dist.irecv(words, src=src, tag=HEADER_TAG)
+        first = torch.zeros(framing.FIRST_BYTES, dtype=torch.uint8)
+        work = dist.irecv(first, src=src, tag=HEADER_TAG)
         who = f"rank {src}" if src is not None else "any rank"
         self._wait(work, who, kind, "the header of", timeout)
         if src is None:
             src = work._source_rank() if hasattr(work, "_source_rank") else work.source_rank()
-        header = framing.Header(words, src=src)
+        header = framing.Header(first[:framing.HEADER_BYTES].view(torch.int64), src=src)
         if header.nbytes > self.max_bytes:
             raise ValueError(f"rank {src} announced a {header.nbytes:,}-byte message ({header.kind!r}), over the "
                              f"{self.max_bytes:,}-byte limit; the connection to it is now out of step")
         raw = torch.empty(header.nbytes, dtype=torch.uint8)
-        if header.nbytes:
-            self._wait(dist.irecv(raw, src=src, tag=PAYLOAD_TAG), f"rank {src}", kind or header.kind,
+        inline = min(header.nbytes, framing.INLINE)
+        raw[:inline] = first[framing.HEADER_BYTES:framing.HEADER_BYTES + inline]
+        if header.nbytes > inline:
+            self._wait(dist.irecv(raw[inline:], src=src, tag=PAYLOAD_TAG), f"rank {src}", kind or header.kind,
                        "the payload of", timeout)
         seq = self._received[src]
         if header.seq < seq:  # an old frame sent again: rejected without consuming the next sequence number
