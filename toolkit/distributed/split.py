@@ -16,7 +16,7 @@ the parties it does not host are *shadows*:
 
 The wire's :class:`~toolkit.distributed.transport.ProcessTransport` replaces what a hosted
 receiver gets with what really arrived, so every real computation sees real values, and every
-random draw (batch order, wire transforms with generators, dropout) is the same in every process.
+random draw (the batch order, wire transforms with generators) is the same in every process.
 Byte counts are the wire's own and equal the in-process run's. A process's transcript is exact
 for transfers a hosted party sent or received; the others hold shadow values. Losses are real
 only in the process that hosts the party computing them (the server in vanilla and relay, the
