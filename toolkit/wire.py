@@ -1,9 +1,10 @@
 """The Wire: every tensor that crosses a party boundary goes through it.
 
 ``Wire.send`` applies the wire's transforms (defenses such as activation noise), counts the
-bytes, records a detached copy in the transcript stamped with step, sender, receiver and kind,
-and delivers the tensor through its transport. Attacks read only ``wire.observed(by=...)``:
-exactly what that party received. Ground truth stays with the caller.
+bytes, delivers the tensor through its transport and records a detached copy of what was
+delivered in the transcript, stamped with step, sender, receiver and kind (in-process that is
+what was sent; across processes, what arrived in this process). Attacks read only
+``wire.observed(by=...)``: exactly what that party received. Ground truth stays with the caller.
 
 A vectorized simulation sends many parties' tensors in one call: pass a tuple of names as
 ``sender`` (or ``receiver``) and a tensor stacked along dim 0, one row per name. The Wire counts
@@ -140,16 +141,17 @@ class Wire:
             entry[0] += rows
             entry[1] += nbytes
         self.total_bytes += nbytes
-        if self.recording:
-            if (isinstance(tensor, Tensor) and isinstance(sender, str) and type(receiver) is tuple
-                    and len(tensor) > 1 and tensor.stride(0) == 0):
+        delivered = self.transport.deliver(tensor, sender=sender, receiver=receiver, kind=kind)
+        if self.recording:  # what was delivered: across processes, the receiver's copy is the real one
+            if (isinstance(delivered, Tensor) and isinstance(sender, str) and type(receiver) is tuple
+                    and len(delivered) > 1 and delivered.stride(0) == 0):
                 # one row expanded to every receiver (transforms left it alone): record it once
-                record = Record(self.step, sender, receiver, kind, tensor[0].detach().clone(), self.phase,
+                record = Record(self.step, sender, receiver, kind, delivered[0].detach().clone(), self.phase,
                                  broadcast=True)
             else:
-                record = Record(self.step, sender, receiver, kind, tensor.detach().clone(), self.phase)
+                record = Record(self.step, sender, receiver, kind, delivered.detach().clone(), self.phase)
             self._records.append(record)
-        return tensor, self.transport.deliver(tensor, sender=sender, receiver=receiver, kind=kind)
+        return tensor, delivered
 
     def broadcast(self, tensor: Payload, *, sender: str, receivers: Sequence[str], kind: str) -> Payload:
         """Send one tensor to every receiver (e.g. global weights); each is counted in full."""
@@ -164,10 +166,15 @@ class Wire:
         entry[0] += len(receivers)
         entry[1] += nbytes * len(receivers)
         self.total_bytes += nbytes * len(receivers)
+        deliver = getattr(self.transport, "deliver_broadcast", None)  # a transport that sends it once per host
+        if deliver is not None:
+            delivered = deliver(tensor, sender=sender, receivers=receivers, kind=kind)
+        else:
+            delivered = self.transport.deliver(tensor, sender=sender, receiver=receivers, kind=kind)
         if self.recording:
-            self._records.append(Record(self.step, sender, receivers, kind, tensor.detach().clone(),
+            self._records.append(Record(self.step, sender, receivers, kind, delivered.detach().clone(),
                                          self.phase, broadcast=True))
-        return self.transport.deliver(tensor, sender=sender, receiver=receivers, kind=kind)
+        return delivered
 
     @staticmethod
     def _check_rows(tensor: Payload, sender: Names, receiver: Names) -> int:
