@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import signal
 import threading
+from pathlib import Path
 
 import networkx as nx
 import pytest
@@ -14,19 +15,20 @@ import torch
 import torch.distributed as dist
 
 from toolkit.decentralized import RingTraining, topology
-from toolkit.distributed.discovery import data_info, discover, shadow_dataset
+from toolkit.distributed.discovery import Roster, data_info, discover, shadow_dataset
 from toolkit.distributed.launch import Launch, free_port
-from toolkit.distributed.ring import CRASH_EXIT, StoreLiveness, demo_setup
+from toolkit.distributed.launch import launch
+from toolkit.distributed.ring import ABORT_KEY, CRASH_EXIT, LeftRing, StoreLiveness, demo_setup
 from toolkit.federated import FedConfig
 
 ROUNDS = 3
-ARGS = ["--rounds", str(ROUNDS), "--n-samples", "600", "--seed", "3", "--liveness-timeout", "3", "--timeout", "15"]
+ARGS = ["--rounds", str(ROUNDS), "--n-samples", "600", "--seed", "3", "--liveness-timeout", "2", "--timeout", "15"]
 
 
-def reference(failures=None, *, n_samples=600, rounds=ROUNDS) -> RingTraining:
+def reference(failures=None, *, n_samples=600, rounds=ROUNDS, local_epochs=1) -> RingTraining:
     """The in-process simulation the processes must reproduce."""
     model, parts = demo_setup("loan", 3, n_samples=n_samples, seed=3)
-    ring = RingTraining(model, parts, topology.ring(3), config=FedConfig(seed=3))
+    ring = RingTraining(model, parts, topology.ring(3), config=FedConfig(seed=3, local_epochs=local_epochs))
     ring.fit(rounds, failures=failures)
     return ring
 
@@ -46,9 +48,26 @@ def check_equal(results, ring: RingTraining, survivors) -> None:
     assert all(r["model"] is None for r in results if r["node"] != ring.holder)
 
 
+def ring_process(rank, world, addr, port, rounds):
+    """One rank of a ring through the library API (join, run_ring), as launch() runs it."""
+    from toolkit.distributed import join, run_ring
+    from toolkit.distributed.ring import leave
+
+    model, parts = demo_setup("loan", 3, n_samples=600, seed=3)
+    group = join(rank, world, addr=addr, port=port, timeout=15.0)
+    run = None
+    try:
+        run = run_ring(group, rank, parts[rank], model, rounds=rounds, config=FedConfig(seed=3),
+                       topology=topology.ring(3) if rank == 0 else None, liveness_timeout=2.0)
+        return run.summary()
+    finally:
+        leave(group, run)
+
+
 def test_three_processes_equal_the_simulation():
-    with Launch(3, "ring", ARGS) as run:
-        results = run.results(timeout=120)
+    """Through launch() and the library API; the other process tests go through the command line."""
+    results = launch(3, "test_distributed_ring:ring_process", [ROUNDS], timeout=120,
+                     env={"PYTHONPATH": str(Path(__file__).parent)})
     ring = reference()
     check_equal(results, ring, [0, 1, 2])
     # what crossed the network: each process sent its model to its successor once per round
@@ -71,8 +90,9 @@ def test_encrypted_run_with_a_node_failing_at_a_round_start_equals_the_simulatio
 def test_a_process_killed_with_sigkill_makes_the_ring_re_form():
     """A real SIGKILL between node:1's turns (just after its model reached node:2): the ring
     re-forms around it, training finishes, and equals the simulation failing it in that round.
-    More data than elsewhere, so the two turns between node:1's are long enough to kill it in."""
-    with Launch(3, "ring", ARGS + ["--n-samples", "30000", "--rounds", "2"]) as run:
+    More data and epochs than elsewhere, so the two turns between node:1's (about 0.4 s measured)
+    are long enough to kill it in."""
+    with Launch(3, "ring", ARGS + ["--n-samples", "12000", "--rounds", "2", "--local-epochs", "3"]) as run:
         run.wait_for(1, "forwarded node:1->node:2", timeout=90)
         run.kill(1, signal.SIGKILL)
         codes = run.wait(timeout=120)
@@ -80,7 +100,7 @@ def test_a_process_killed_with_sigkill_makes_the_ring_re_form():
         results = [run.result(0), run.result(2)]
     assert results[0]["dead"] == results[1]["dead"] == {"1": 2}  # it was killed after its turn in round 1
     assert results[0]["alive"] == [0, 2] and results[0]["failed"] == [1]
-    check_equal(results, reference({1: 2}, n_samples=30000, rounds=2), [0, 2])
+    check_equal(results, reference({1: 2}, n_samples=12000, rounds=2, local_epochs=3), [0, 2])
 
 
 def test_a_peer_dying_inside_its_turn_stops_everyone_with_an_error_naming_it():
@@ -167,6 +187,24 @@ def test_discovery_errors_reach_every_process(nodes, graph, message):
     results = discover_all(nodes, graph)
     assert all(isinstance(r, ValueError) for r in results), results
     assert all(message in str(r) for r in results), [str(r) for r in results]
+
+
+def test_store_liveness_agrees_alive_dead_and_stops_on_abort():
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, 2, True, wait_for_workers=False)  # noqa: F841  (kept alive)
+    a, b = StoreGroup(port, 0, 2), StoreGroup(port, 1, 2)
+    roster = lambda node: Roster(node=node, topology=topology.ring(3), initiator=0, ranks={0: 0, 1: 1, 2: 2})  # noqa: E731
+    events = []
+    mine, theirs = StoreLiveness(a, roster(0), timeout=0.3, on_event=events.append), StoreLiveness(b, roster(1), timeout=0.3)
+    assert mine(1, 0) is True and theirs(1, 0) is True  # node 0 said it is alive; rank 1 read it
+    assert mine(1, 2) is False and theirs(1, 2) is False and mine.dead == theirs.dead == {2: 1}  # nobody answered
+    assert events == ["turn round=1 node:0", "dead round=1 node:2 (rank 2)"]
+    assert mine(2, 1) is False  # node 1's process was too slow: rank 0 declared it dead ...
+    with pytest.raises(LeftRing, match=r"node:1 \(rank 1\) was declared dead by its peers in round 2"):
+        theirs(2, 1)  # ... so when it gets there it learns it and stops
+    a.agree(ABORT_KEY, "rank 2 (node:2): ConnectionError: gone")
+    with pytest.raises(RuntimeError, match=r"stopped by rank 2 \(node:2\): ConnectionError: gone"):
+        theirs(3, 0)
 
 
 def test_liveness_checks_its_arguments_and_the_hook_only_runs_where_consulted():

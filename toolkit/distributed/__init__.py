@@ -1,9 +1,15 @@
 """Real multi-process runs over TCP (torch.distributed, gloo): a process group that carries
 tensors and plain metadata only (:func:`join`, :class:`Group`), optional authenticated encryption
 with per-pair keys (:mod:`toolkit.distributed.crypto`), and a Wire transport that crosses
-processes (:class:`ProcessTransport`): the same protocol code runs in every process.
+processes (:class:`ProcessTransport`): the same protocol code runs in every process. Ring
+training across processes (:func:`run_ring`: discovery over the store, agreed liveness, a killed
+peer re-forms the ring) and a local launcher (:func:`launch`, ``python -m toolkit.distributed``).
 """
 from toolkit.distributed.group import CIPHERS, Group, join
 from toolkit.distributed.transport import ProcessTransport
+from toolkit.distributed.discovery import Roster, discover
+from toolkit.distributed.launch import Launch, free_port, launch
+from toolkit.distributed.ring import RingRun, StoreLiveness, run_ring
 
-__all__ = ["CIPHERS", "Group", "ProcessTransport", "join"]
+__all__ = ["CIPHERS", "Group", "Launch", "ProcessTransport", "RingRun", "Roster", "StoreLiveness", "discover",
+           "free_port", "join", "launch", "run_ring"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 
 from toolkit.distributed.group import CIPHERS
@@ -71,9 +72,10 @@ def ring_main(args: argparse.Namespace) -> dict:
     from toolkit.federated import FedConfig
 
     node = args.rank if args.node is None else args.node
+    started = time.monotonic()
 
     def event(text: str) -> None:
-        print(f"EVENT {text}", flush=True)
+        print(f"EVENT {time.monotonic() - started:8.3f} s {text}", flush=True)
 
     graph = _topology(args.topology, args.world) if args.rank == 0 else None
     n = graph.number_of_nodes() if graph is not None else args.world
@@ -87,22 +89,9 @@ def ring_main(args: argparse.Namespace) -> dict:
         run = run_ring(group, node, dataset, model, rounds=args.rounds, topology=graph,
                                   initiator=args.initiator, config=config, liveness_timeout=args.liveness_timeout,
                                   fail_at=args.fail_at_round, fail_in_turn=args.fail_in_turn, on_event=event)
-        ring, liveness = run.ring, run.liveness
-        for r, row in ring.history.iterrows():
+        for _, row in run.ring.history.iterrows():
             event(f"round {int(row['round'])} nodes={int(row['nodes'])} failed={int(row['failed'])}")
-        shadows = [v for v in range(len(ring.names)) if v != node]
-        result = {
-            "rank": args.rank, "node": node, "rounds": ring.round, "alive": ring.alive, "failed": ring.failed,
-            "dead": {str(v): r for v, r in liveness.dead.items()}, "order": ring.order, "holder": ring.holder,
-            "bytes": ring.wire.total_bytes, "transfers": len(ring.wire),
-            "sent_bytes": ring.wire.transport.inner.sent_bytes,
-            "received_bytes": ring.wire.transport.inner.received_bytes,
-            "shadow_data_zero": bool((ring.data.x[shadows] == 0).all()) if shadows else True,
-            "weights": ring.node_weights[node].tolist(),
-            "model": ring.weights.tolist() if ring.holder == node else None,
-            "test": ring.evaluate() if ring.holder == node else None,
-            "failed_per_round": [int(v) for v in ring.history["failed"]],
-        }
+        result = {"rank": args.rank, **run.summary()}
     finally:
         leave(group, run)
     if args.out:
@@ -118,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _ring_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "ring" and args.fail_in_turn and args.fail_at_round is None:
+        parser.error("--fail-in-turn needs --fail-at-round (the round whose turn the node dies in)")
     try:
         {"ring": ring_main}[args.command](args)
     except Exception as e:  # noqa: BLE001  (one clear line naming the cause, then the status)

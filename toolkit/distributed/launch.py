@@ -70,8 +70,9 @@ class Launch:
         extra = per_rank or {}
         for rank in range(world):
             if ":" in target:
-                cmd = [sys.executable, "-m", "toolkit.distributed.launch", target, str(rank), str(world), addr,
-                       str(self.port), json.dumps(list(args))]
+                call = "import sys; from toolkit.distributed.launch import _main; _main(sys.argv[1:])"
+                cmd = [sys.executable, "-c", call, target, str(rank), str(world), addr, str(self.port),
+                       json.dumps(list(args))]
             else:
                 cmd = [sys.executable, "-m", "toolkit.distributed", target, "--rank", str(rank), "--world", str(world),
                        "--addr", addr, "--port", str(self.port), *map(str, args), *map(str, extra.get(rank, ()))]
@@ -180,6 +181,3 @@ def _main(argv: Sequence[str]) -> None:
     result = fn(int(rank), int(world), addr, int(port), *json.loads(args))
     print("RESULT " + json.dumps(result), flush=True)
 
-
-if __name__ == "__main__":
-    _main(sys.argv[1:])

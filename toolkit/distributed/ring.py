@@ -15,7 +15,8 @@ A peer that dies inside its own turn (after it was agreed alive, before its mode
 successor) cannot be skipped: the model is gone. Its peers get a ``ConnectionError`` or
 ``TimeoutError`` from the transport; the first process to fail publishes why under
 :data:`ABORT_KEY`, and every process stops with a RuntimeError naming the root cause (never a hang:
-every wait is bounded). Rank 0 hosts the store, so it cannot fail without ending the run.
+every wait is bounded). Rank 0 hosts the store and the discovery: the ring re-forms around any
+other node, not around it.
 
 On a process, the history's ``loss`` mixes the real loss of the hosted node with the shadows';
 ``test_loss``/``accuracy`` are real on the process hosting the final holder of the model.
@@ -161,6 +162,24 @@ class RingRun:
     liveness: StoreLiveness
     roster: Roster
 
+    def summary(self) -> dict[str, Any]:
+        """This process's results as plain JSON-able data: its node's real weights (``weights``), the
+        circulating model and its test metrics if this node holds it (else None), the live and
+        failed nodes, the deaths it saw, the Wire's byte and transfer counts (as in-process) and
+        what this process itself put on and took off the network."""
+        ring, node = self.ring, self.roster.node
+        shadows = [v for v in range(len(ring.names)) if v != node]
+        transport = ring.wire.transport.inner
+        return {"node": node, "rounds": ring.round, "alive": ring.alive, "failed": ring.failed,
+                "dead": {str(v): r for v, r in self.liveness.dead.items()}, "order": ring.order,
+                "holder": ring.holder, "bytes": ring.wire.total_bytes, "transfers": len(ring.wire),
+                "sent_bytes": transport.sent_bytes, "received_bytes": transport.received_bytes,
+                "shadow_data_zero": bool((ring.data.x[shadows] == 0).all()) if shadows else True,
+                "weights": ring.node_weights[node].tolist(),
+                "model": ring.weights.tolist() if ring.holder == node else None,
+                "test": ring.evaluate() if ring.holder == node else None,
+                "failed_per_round": [int(v) for v in ring.history["failed"]]}
+
 
 def run_ring(group: Any, node: int, dataset: Any, model: nn.Module, *, rounds: int, topology: Any = None,
              initiator: int | None = None, order: Sequence[int] | None = None, config: FedConfig | None = None,
@@ -206,7 +225,11 @@ def run_ring(group: Any, node: int, dataset: Any, model: nn.Module, *, rounds: i
 
 def leave(group: Any, run: RingRun | None) -> None:
     """Close ``group``, first saying for each dead peer that it left (rank 0 waits for everyone's
-    goodbye before closing the store, and a dead peer never says it)."""
+    goodbye before closing the store, and a dead peer never says it); after a failed run
+    (``run`` None) rank 0 waits at most 2 s for the others."""
+    if run is None:
+        group.close(timeout=2.0)
+        return
     if run is not None:
         for v in run.liveness.dead:
             try:
