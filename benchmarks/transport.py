@@ -168,7 +168,7 @@ def table(results: dict[str, dict[str, float]], sizes: dict[str, int]) -> str:
         for variant in ("in-process", "socket", *VARIANTS):
             s = results[variant][name]
             lines.append(f"{name:>7} {variant:>18} {fmt_time(s):>12} {nbytes / s / 1e6:>8.1f} MB/s "
-                         f"{s / floor:>9.2f} {s / local:>12.1f}")
+                         f"{s / floor:>9.3g} {s / local:>12.4g}")
     return "\n".join(lines)
 
 

@@ -378,3 +378,22 @@ def test_no_pickle_in_toolkit_distributed():
     assert len(files) >= 4
     hits = [f"{f.name}:{h}" for f in files for h in unpickling_uses(f.read_text())]
     assert hits == []
+
+
+def test_benchmark_quick_mode_prints_every_transport_beside_the_socket_floor():
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "transport.py"), "--quick", "--threads", "1"],
+                          capture_output=True, text=True, timeout=180, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines() if re.match(r"\s*1 [KM]B\s", line)]
+    variants = {"in-process", "socket", "process", "aes-gcm", "chacha20-poly1305"}
+    assert {(r[0] + " " + r[1], r[2]) for r in rows} == {(s, v) for s in ("1 KB", "1 MB") for v in variants}
+    for r in rows:
+        x_socket, x_local = float(r[-2]), float(r[-1])
+        assert x_socket > 0 and x_local > 0
+        if r[2] == "socket":
+            assert x_socket == 1.0
+        if r[2] == "in-process":
+            assert x_local == 1.0
