@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import ast
 import re
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +34,7 @@ def _values(g: torch.Generator) -> dict[str, Tensor]:
 
 PAIR = [("basic", None), ("basic", "aes-gcm"), ("basic", "chacha20-poly1305"), ("tamper", "aes-gcm"),
         ("tamper", "chacha20-poly1305"), ("tamper", None), ("wire", None), ("wire", "aes-gcm"), ("errors", None),
-        ("mixed", None), ("short", None)]
+        ("mixed", None), ("short", None), ("unreceived", None)]
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +256,61 @@ def test_mismatch_and_timeout_errors_name_the_peer(pair):
     assert "party 'nobody' has no rank" in server["unknown"]
     for part in ("'server' (rank 1) waited for 'never-sent' from 'client' (rank 0)", "rank 0 did not answer within 1 s"):
         assert part in server["timeout"], server["timeout"]
+
+
+def scenario_unreceived(rank, world, port, _):
+    """rank 0 sends 8 MB that rank 1 never receives: the send times out naming rank 1."""
+    with _join(rank, world, port) as group:
+        if rank == 1:
+            group.wait_key("sent", 20)
+            return None
+        t0 = time.monotonic()
+        try:
+            group.send(torch.zeros(1 << 21), 1, kind="unwanted", timeout=1.0)
+            message = "no error"
+        except TimeoutError as e:
+            message = str(e)
+        group.set("sent", "1")
+        return {"message": message, "seconds": time.monotonic() - t0}
+
+
+def test_a_send_nobody_receives_times_out_naming_the_peer(pair):
+    result, _ = ran(pair, ("unreceived", None))
+    assert "rank 1 did not answer within 1 s (sending 'unwanted')" in result["message"]
+    assert result["seconds"] < 10
+
+
+def scenario_victim(rank, world, port):
+    """rank 1 joins and waits to be killed; rank 0 waits for a message from it."""
+    with _join(rank, world, port) as group:
+        if rank == 1:
+            print("READY", flush=True)
+            time.sleep(120)
+        t0 = time.monotonic()
+        try:
+            group.recv(1, like=torch.zeros(3), kind="weights", timeout=30.0)
+            message = "no error"
+        except (ConnectionError, TimeoutError) as e:
+            message = f"{type(e).__name__}: {e}"
+        return {"message": message, "seconds": time.monotonic() - t0}
+
+
+def test_a_killed_peer_is_an_error_naming_it_not_a_hang():
+    port = free_port()
+    procs = [start(f"{T}:scenario_victim", r, 2, port) for r in (0, 1)]
+    try:
+        assert procs[1].stdout.readline().strip() == "READY"  # joined (the group is open)
+        time.sleep(0.5)
+        procs[1].send_signal(signal.SIGKILL)
+        procs[1].wait(timeout=10)
+        (result,) = collect(procs[:1], timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert "rank 1" in result["message"] and "'weights'" in result["message"], result
+    assert result["seconds"] < 30
 
 
 def scenario_join(rank, world, port, encrypt):

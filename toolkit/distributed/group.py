@@ -213,7 +213,7 @@ class Group:
                 raise TimeoutError(f"rank {self.rank}: {who} did not answer within {seconds:g} s "
                                    f"({what} {kind!r}); the connection to it is closed") from None
             raise ConnectionError(f"rank {self.rank}: lost the connection to {who} ({what} {kind!r}): "
-                                  f"{message.splitlines()[0][:300]}") from None
+                                  f"{message.splitlines()[0].split('. This is typically')[0][:300]}") from None
 
     def _check_peer(self, peer: int, name: str) -> None:
         if isinstance(peer, bool) or not isinstance(peer, int) or not 0 <= peer < self.world_size:
