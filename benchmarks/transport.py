@@ -162,7 +162,8 @@ def fmt_time(s: float) -> str:
 
 
 def table(results: dict[str, dict[str, float]], sizes: dict[str, int]) -> str:
-    lines = [f"{'size':>7} {'transport':>18} {'per message':>12} {'throughput':>12} {'x socket':>9} {'x in-process':>12}"]
+    lines = [f"{'size':>7} {'transport':>18} {'per message':>12} {'throughput':>12} {'x socket':>9} "
+             f"{'x in-process':>12}"]
     for name, nbytes in sizes.items():
         floor, local = results["socket"][name], results["in-process"][name]
         for variant in ("in-process", "socket", *VARIANTS):

@@ -27,7 +27,8 @@ def free_port() -> int:
 def start(target: str, rank: int, world: int, port: int, args=(), *, env: dict | None = None) -> subprocess.Popen:
     environ = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1",
                **(env or {})}
-    cmd = [sys.executable, str(Path(__file__).resolve()), target, str(rank), str(world), str(port), json.dumps(list(args))]
+    cmd = [sys.executable, str(Path(__file__).resolve()), target, str(rank), str(world), str(port),
+           json.dumps(list(args))]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ, cwd=ROOT)
 
 

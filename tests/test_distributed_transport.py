@@ -163,7 +163,8 @@ def protocol(wire: Wire, hosted: set[str] | None) -> None:
         up = wire.send(rows, sender=("a", "b", "c"), receiver="server", kind="stacked-up")
         wire.send(real("server", up.flip(0) - 1), sender="server", receiver=("a", "b", "c"), kind="stacked-down")
         packets = Sparse(torch.randint(0, 10, (3, 2), generator=g), torch.randn(3, 2, generator=g))
-        packets = Sparse(*(torch.stack([real(p, r) for p, r in zip("abc", f)]) for f in (packets.indices, packets.values)))
+        packets = Sparse(*(torch.stack([real(p, r) for p, r in zip("abc", f)])
+                           for f in (packets.indices, packets.values)))
         wire.send(packets, sender=("a", "b", "c"), receiver="server", kind="stacked-packet")
         wire.broadcast(real("server", up.sum(0)), sender="server", receivers=("a", "b", "c"), kind="weights")
         wire.tick()
@@ -254,7 +255,8 @@ def test_mismatch_and_timeout_errors_name_the_peer(pair):
     assert server["next"] == [5.0, 5.0]  # the mismatched payload was drained: still in step
     assert "expected 'gradients' from rank 0, got 'weights'" in server["kind"]
     assert "party 'nobody' has no rank" in server["unknown"]
-    for part in ("'server' (rank 1) waited for 'never-sent' from 'client' (rank 0)", "rank 0 did not answer within 1 s"):
+    for part in ("'server' (rank 1) waited for 'never-sent' from 'client' (rank 0)",
+                 "rank 0 did not answer within 1 s"):
         assert part in server["timeout"], server["timeout"]
 
 
@@ -376,7 +378,8 @@ def test_a_peer_that_never_joins_is_named(pair):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(rank=2, world_size=2), "rank must be in"), (dict(rank=0, world_size=0), "rank must be in"),
     (dict(rank=0, world_size=2, port=0), "port must be in"), (dict(rank=0, world_size=2, timeout=0), "timeout"),
-    (dict(rank=0, world_size=2, encrypt="aes"), "encrypt must be one of"), (dict(rank="0", world_size=2), "rank must be an int")])
+    (dict(rank=0, world_size=2, encrypt="aes"), "encrypt must be one of"),
+    (dict(rank="0", world_size=2), "rank must be an int")])
 def test_join_rejects_bad_arguments(kwargs, match):
     from toolkit.distributed import join
     with pytest.raises((ValueError, TypeError), match=match):
@@ -412,9 +415,10 @@ def unpickling_uses(source: str) -> list[str]:
             if node.attr == "load" and isinstance(node.value, ast.Name) and node.value.id == "torch":
                 hits.append(f"{node.lineno}: torch.load")
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [a.name.split(".")[0] for a in node.names] + ([node.module.split(".")[0]]
-                                                                   if isinstance(node, ast.ImportFrom) and node.module else [])
-            if isinstance(node, ast.ImportFrom) and node.module == "torch" and any(a.name == "load" for a in node.names):
+            names = [a.name.split(".")[0] for a in node.names]
+            module = node.module if isinstance(node, ast.ImportFrom) else None
+            names += [module.split(".")[0]] if module else []
+            if module == "torch" and any(a.name == "load" for a in node.names):
                 hits.append(f"{node.lineno}: from torch import load")
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
             names = re.findall(r"\w+", node.value)
