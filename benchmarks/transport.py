@@ -162,13 +162,14 @@ def fmt_time(s: float) -> str:
 
 
 def table(results: dict[str, dict[str, float]], sizes: dict[str, int]) -> str:
-    lines = [f"{'size':>7} {'transport':>18} {'per message':>12} {'throughput':>12} {'x socket':>9} {'x in-process':>12}"]
+    lines = [f"{'size':>7} {'transport':>18} {'per message':>12} {'throughput':>12} {'x socket':>9} "
+             f"{'x in-process':>12}"]
     for name, nbytes in sizes.items():
         floor, local = results["socket"][name], results["in-process"][name]
         for variant in ("in-process", "socket", *VARIANTS):
             s = results[variant][name]
             lines.append(f"{name:>7} {variant:>18} {fmt_time(s):>12} {nbytes / s / 1e6:>8.1f} MB/s "
-                         f"{s / floor:>9.2f} {s / local:>12.1f}")
+                         f"{s / floor:>9.3g} {s / local:>12.4g}")
     return "\n".join(lines)
 
 

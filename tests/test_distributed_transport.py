@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import ast
 import re
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from distributed_helpers import collect, free_port, run_ranks, start
+from distributed_helpers import collect, free_port, run_sequence, start
 from toolkit.distributed import framing
 from toolkit.messages import Packet
 from toolkit.wire import Wire
@@ -30,7 +32,26 @@ def _values(g: torch.Generator) -> dict[str, Tensor]:
             "big": torch.randn(300, 500, generator=g)}
 
 
-def _join(rank, world, port, encrypt=None, timeout=15.0):
+PAIR = [("basic", None), ("basic", "aes-gcm"), ("basic", "chacha20-poly1305"), ("tamper", "aes-gcm"),
+        ("tamper", "chacha20-poly1305"), ("tamper", None), ("wire", None), ("wire", "aes-gcm"), ("errors", None),
+        ("mixed", None), ("short", None), ("unreceived", None)]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """Every two-process scenario, run by one pair of processes (one group and port each)."""
+    results = run_sequence([(f"{T}:scenario_{name}", [encrypt]) for name, encrypt in PAIR], 2)
+    return dict(zip(PAIR, results))
+
+
+def ran(pair, key):
+    for result in pair[key]:
+        if isinstance(result, dict) and "failed" in result:
+            pytest.fail(f"scenario {key} failed in a process:\n{result['failed']}")
+    return pair[key]
+
+
+def _join(rank, world, port, encrypt=None, timeout=30.0):  # joins wait for slow starts under load
     from toolkit.distributed import join
     return join(rank, world, port=port, timeout=timeout, encrypt=encrypt)
 
@@ -55,8 +76,8 @@ def scenario_basic(rank, world, port, encrypt):
 
 
 @pytest.mark.parametrize("encrypt", [None, "aes-gcm", "chacha20-poly1305"])
-def test_send_recv_every_dtype_and_any_source(encrypt):
-    sender, receiver = run_ranks(f"{T}:scenario_basic", 2, [encrypt])
+def test_send_recv_every_dtype_and_any_source(pair, encrypt):
+    sender, receiver = ran(pair, ("basic", encrypt))
     assert receiver == {name: True for name in _values(torch.Generator().manual_seed(7))}
     assert sender == {"reply": [0.0, 1.0, 2.0, 3.0], "src": 1}
 
@@ -98,17 +119,17 @@ def scenario_tamper(rank, world, port, encrypt):
 
 
 @pytest.mark.parametrize("encrypt", ["aes-gcm", "chacha20-poly1305"])
-def test_tampered_or_replayed_message_fails_authentication(encrypt):
-    _, got = run_ranks(f"{T}:scenario_tamper", 2, [encrypt])
+def test_tampered_or_replayed_message_fails_authentication(pair, encrypt):
+    _, got = ran(pair, ("tamper", encrypt))
     assert got[0] == 0.0 and got[3] == 3.0 and got[5] == 5.0  # the good ones, also after the rejections
     for i in (1, 2, 4):
         assert "failed authentication" in got[i] and "from rank 0" in got[i], got[i]
     assert "'m1'" in got[1] and "'m3'" in got[4] and "replay" in got[4]
 
 
-def test_without_encryption_tampering_goes_unnoticed_but_replays_do_not():
+def test_without_encryption_tampering_goes_unnoticed_but_replays_do_not(pair):
     """What the encryption option is for: a plain group accepts a modified payload."""
-    _, got = run_ranks(f"{T}:scenario_tamper", 2, [None])
+    _, got = ran(pair, ("tamper", None))
     assert got[0] == 0.0 and isinstance(got[1], float) and got[1] != 1.0  # the flipped bit was accepted
     assert got[2] == 2.0  # a relabelled kind is just another kind
     assert "was rejected as a replay: sequence number 3, expected 4" in got[4]  # the replay repeats a sequence number
@@ -142,7 +163,8 @@ def protocol(wire: Wire, hosted: set[str] | None) -> None:
         up = wire.send(rows, sender=("a", "b", "c"), receiver="server", kind="stacked-up")
         wire.send(real("server", up.flip(0) - 1), sender="server", receiver=("a", "b", "c"), kind="stacked-down")
         packets = Sparse(torch.randint(0, 10, (3, 2), generator=g), torch.randn(3, 2, generator=g))
-        packets = Sparse(*(torch.stack([real(p, r) for p, r in zip("abc", f)]) for f in (packets.indices, packets.values)))
+        packets = Sparse(*(torch.stack([real(p, r) for p, r in zip("abc", f)])
+                           for f in (packets.indices, packets.values)))
         wire.send(packets, sender=("a", "b", "c"), receiver="server", kind="stacked-packet")
         wire.broadcast(real("server", up.sum(0)), sender="server", receivers=("a", "b", "c"), kind="weights")
         wire.tick()
@@ -155,6 +177,7 @@ def _summary(wire: Wire, hosted: set[str]) -> dict:
     got = [[tr.step, tr.sender, tr.receiver, tr.kind, value(tr.tensor)] for tr in wire.observed()
            if tr.receiver in hosted]
     return {"ledger": wire.ledger().values.tolist(), "total": wire.total_bytes, "transfers": len(wire.observed()),
+            "sizes": [[tr.kind, tr.nbytes] for tr in wire.observed()], "summary": wire.summary().values.tolist(),
             "received": got}
 
 
@@ -168,23 +191,24 @@ def scenario_wire(rank, world, port, encrypt):
 
 
 @pytest.mark.parametrize("encrypt", [None, "aes-gcm"])
-def test_wire_across_processes_matches_in_process(encrypt):
-    results = run_ranks(f"{T}:scenario_wire", 2, [encrypt])
+def test_wire_across_processes_matches_in_process(pair, encrypt):
+    results = ran(pair, ("wire", encrypt))
     reference = Wire()
     protocol(reference, None)
     for rank, result in enumerate(results):
         hosted = {p for p, r in HOSTS.items() if r == rank}
         expected = _summary(reference, hosted)
         assert result["ledger"] == expected["ledger"] and result["total"] == expected["total"] > 0
-        assert result["transfers"] == expected["transfers"]
+        assert result["transfers"] == expected["transfers"] and result["sizes"] == expected["sizes"]
+        assert result["summary"] == expected["summary"]
         assert result["received"] == expected["received"] and len(expected["received"]) >= 10
 
 
-def scenario_errors(rank, world, port):
+def scenario_errors(rank, world, port, encrypt):
     """Shape mismatch (then the channel is still in step), kind mismatch, then a timeout."""
     from toolkit.distributed import ProcessTransport
     out = {}
-    with _join(rank, world, port) as group:
+    with _join(rank, world, port, encrypt) as group:
         transport = ProcessTransport(group, {"client": 0, "server": 1}, timeout=5.0)
         wire = Wire(transport=transport)
         x = torch.ones(3, 4) if rank == 0 else torch.zeros(4, 3)  # the server's shadow has the wrong shape
@@ -207,7 +231,12 @@ def scenario_errors(rank, world, port):
                 out["kind"] = str(e)
             group.wait_key("go", 10)
             try:
-                group.recv(0, like=torch.zeros(2), kind="never-sent", timeout=1.0)
+                wire.send(torch.zeros(3), sender="nobody", receiver="server", kind="x")
+            except ValueError as e:
+                out["unknown"] = str(e)
+            impatient = Wire(transport=ProcessTransport(group, {"client": 0, "server": 1}, timeout=1.0))
+            try:  # the client's process never sends this one
+                impatient.send(torch.zeros(2), sender="client", receiver="server", kind="never-sent")
                 out["timeout"] = "no error"
             except TimeoutError as e:
                 out["timeout"] = str(e)
@@ -217,15 +246,144 @@ def scenario_errors(rank, world, port):
     return out
 
 
-def test_mismatch_and_timeout_errors_name_the_peer():
-    client, server = run_ranks(f"{T}:scenario_errors", 2, [])
+def test_mismatch_and_timeout_errors_name_the_peer(pair):
+    client, server = ran(pair, ("errors", None))
     assert client["shape"] == "no error" and client["next"] == [5.0, 5.0]
     msg = server["shape"]
     for part in ("'activations'", "'client'", "'server'", "(4, 3)", "(3, 4)"):
         assert part in msg, (part, msg)
     assert server["next"] == [5.0, 5.0]  # the mismatched payload was drained: still in step
     assert "expected 'gradients' from rank 0, got 'weights'" in server["kind"]
-    assert "rank 0 did not answer within 1 s" in server["timeout"] and "never-sent" in server["timeout"]
+    assert "party 'nobody' has no rank" in server["unknown"]
+    for part in ("'server' (rank 1) waited for 'never-sent' from 'client' (rank 0)",
+                 "rank 0 did not answer within 1 s"):
+        assert part in server["timeout"], server["timeout"]
+
+
+def scenario_unreceived(rank, world, port, _):
+    """rank 0 sends 8 MB that rank 1 never receives: the send times out naming rank 1."""
+    with _join(rank, world, port) as group:
+        if rank == 1:
+            group.wait_key("sent", 20)
+            return None
+        t0 = time.monotonic()
+        try:
+            group.send(torch.zeros(1 << 21), 1, kind="unwanted", timeout=1.0)
+            message = "no error"
+        except TimeoutError as e:
+            message = str(e)
+        group.set("sent", "1")
+        return {"message": message, "seconds": time.monotonic() - t0}
+
+
+def test_a_send_nobody_receives_times_out_naming_the_peer(pair):
+    result, _ = ran(pair, ("unreceived", None))
+    assert "rank 1 did not answer within 1 s (sending 'unwanted')" in result["message"]
+    assert result["seconds"] < 10
+
+
+def scenario_victim(rank, world, port):
+    """rank 1 joins and waits to be killed; rank 0 waits for a message from it."""
+    with _join(rank, world, port) as group:
+        if rank == 1:
+            print("READY", flush=True)
+            time.sleep(120)
+        t0 = time.monotonic()
+        try:
+            group.recv(1, like=torch.zeros(3), kind="weights", timeout=30.0)
+            message = "no error"
+        except (ConnectionError, TimeoutError) as e:
+            message = f"{type(e).__name__}: {e}"
+        return {"message": message, "seconds": time.monotonic() - t0}
+
+
+def test_a_killed_peer_is_an_error_naming_it_not_a_hang():
+    port = free_port()
+    procs = [start(f"{T}:scenario_victim", r, 2, port) for r in (0, 1)]
+    try:
+        assert procs[1].stdout.readline().strip() == "READY"  # joined (the group is open)
+        time.sleep(0.5)
+        procs[1].send_signal(signal.SIGKILL)
+        procs[1].wait(timeout=10)
+        (result,) = collect(procs[:1], timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert "rank 1" in result["message"] and "'weights'" in result["message"], result
+    assert result["seconds"] < 30
+
+
+def scenario_join(rank, world, port, encrypt):
+    """Registration: a second process claiming a taken rank is refused; agree() and the store."""
+    try:
+        group = _join(rank, world, port, encrypt)
+    except Exception as e:  # noqa: BLE001  (the test reads which error each process saw)
+        return {"error": f"{type(e).__name__}: {e}"}
+    with group:
+        group.set(f"hello/{rank}", f"from {rank}")
+        agreed = group.agree("leader", f"rank {rank}")
+        again = group.agree("leader", "a late proposal")
+        other = group.get(f"hello/{1 - rank}")
+        try:
+            group.get("missing", timeout=0.2)
+        except TimeoutError as e:
+            missing = str(e)
+        group.set(f"agreed/{rank}", agreed)
+        group.wait_key(f"agreed/{1 - rank}", 10)  # stay until the other has agreed
+        return {"agreed": agreed, "again": again, "other": other, "missing": missing}
+
+
+def test_registering_a_rank_twice_is_refused_and_agree_has_one_winner():
+    port = free_port()
+    results = collect([start(f"{T}:scenario_join", r, 2, port, [None]) for r in (0, 1, 1)], timeout=150)
+    errors = [r["error"] for r in results if "error" in r]
+    joined = [r for r in results if "error" not in r]
+    assert len(errors) == 1 and "rank 1 has already joined this group" in errors[0]
+    assert len(joined) == 2 and {r["other"] for r in joined} == {"from 0", "from 1"}
+    winners = {r["agreed"] for r in joined} | {r["again"] for r in joined}
+    assert len(winners) == 1 and winners < {"rank 0", "rank 1"}
+    assert all("store key 'missing' was not set within 0.2 s" in r["missing"] for r in joined)
+
+
+def scenario_mixed(rank, world, port, _):
+    """rank 0 asks for encryption, rank 1 does not."""
+    return scenario_join(rank, world, port, "aes-gcm" if rank == 0 else None)
+
+
+def test_processes_must_agree_on_encryption(pair):
+    results = ran(pair, ("mixed", None))
+    assert all("error" in r for r in results)
+    assert "rank 0 joined with encrypt='aes-gcm' but rank 1 with 'none'" in results[0]["error"]
+
+
+def scenario_short(rank, world, port, _):
+    """Both processes join a group of 3 that rank 2 never joins."""
+    try:
+        _join(rank, 3, port, timeout=2.0)
+    except (TimeoutError, ConnectionError) as e:  # rank 1 may see the store's host (rank 0) leave first
+        return str(e)
+    return "joined"
+
+
+def test_a_peer_that_never_joins_is_named(pair):
+    host, other = ran(pair, ("short", None))
+    assert "rank(s) [2] did not join" in host and "rank(s) [2]" in other
+    port = free_port()
+    (message,) = collect([start(f"{T}:scenario_alone", 0, 3, port)], timeout=60)
+    assert "rank(s) [1, 2] did not join" in message
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rank=2, world_size=2), "rank must be in"), (dict(rank=0, world_size=0), "rank must be in"),
+    (dict(rank=0, world_size=2, port=0), "port must be in"), (dict(rank=0, world_size=2, timeout=0), "timeout"),
+    (dict(rank=0, world_size=2, encrypt="aes"), "encrypt must be one of"),
+    (dict(rank="0", world_size=2), "rank must be an int")])
+def test_join_rejects_bad_arguments(kwargs, match):
+    from toolkit.distributed import join
+    with pytest.raises((ValueError, TypeError), match=match):
+        join(**{"port": 29999, **kwargs})
 
 
 def scenario_alone(rank, world, port):
@@ -234,12 +392,6 @@ def scenario_alone(rank, world, port):
     except TimeoutError as e:
         return str(e)
     return "joined"
-
-
-def test_a_peer_that_never_joins_is_named():
-    port = free_port()
-    (message,) = collect([start(f"{T}:scenario_alone", 0, 3, port)], timeout=30)
-    assert "rank(s) [1, 2] did not join" in message
 
 
 BANNED = {"pickle", "cPickle", "dill", "marshal", "shelve", "send_object_list", "recv_object_list",
@@ -263,9 +415,10 @@ def unpickling_uses(source: str) -> list[str]:
             if node.attr == "load" and isinstance(node.value, ast.Name) and node.value.id == "torch":
                 hits.append(f"{node.lineno}: torch.load")
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [a.name.split(".")[0] for a in node.names] + ([node.module.split(".")[0]]
-                                                                   if isinstance(node, ast.ImportFrom) and node.module else [])
-            if isinstance(node, ast.ImportFrom) and node.module == "torch" and any(a.name == "load" for a in node.names):
+            names = [a.name.split(".")[0] for a in node.names]
+            module = node.module if isinstance(node, ast.ImportFrom) else None
+            names += [module.split(".")[0]] if module else []
+            if module == "torch" and any(a.name == "load" for a in node.names):
                 hits.append(f"{node.lineno}: from torch import load")
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
             names = re.findall(r"\w+", node.value)
@@ -286,3 +439,22 @@ def test_no_pickle_in_toolkit_distributed():
     assert len(files) >= 4
     hits = [f"{f.name}:{h}" for f in files for h in unpickling_uses(f.read_text())]
     assert hits == []
+
+
+def test_benchmark_quick_mode_prints_every_transport_beside_the_socket_floor():
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "transport.py"), "--quick", "--threads", "1"],
+                          capture_output=True, text=True, timeout=180, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines() if re.match(r"\s*1 [KM]B\s", line)]
+    variants = {"in-process", "socket", "process", "aes-gcm", "chacha20-poly1305"}
+    assert {(r[0] + " " + r[1], r[2]) for r in rows} == {(s, v) for s in ("1 KB", "1 MB") for v in variants}
+    for r in rows:
+        x_socket, x_local = float(r[-2]), float(r[-1])
+        assert x_socket > 0 and x_local > 0
+        if r[2] == "socket":
+            assert x_socket == 1.0
+        if r[2] == "in-process":
+            assert x_local == 1.0

@@ -98,7 +98,11 @@ class Group:
         deadline = time.monotonic() + self.timeout
         missing = list(range(self.world_size))
         while missing:
-            missing = [r for r in missing if not self.store.check([f"{_PREFIX}joined/{r}"])]
+            try:
+                missing = [r for r in missing if not self.store.check([f"{_PREFIX}joined/{r}"])]
+            except Exception as e:  # noqa: BLE001  (torch raises DistNetworkError when the host has gone)
+                raise ConnectionError(f"rank {self.rank} lost the store at {self.addr}:{self.port} (rank 0 hosts "
+                                      f"it and has left) while rank(s) {missing} had not joined") from e
             if missing and time.monotonic() > deadline:
                 raise TimeoutError(f"rank {self.rank}: rank(s) {missing} did not join the group at "
                                    f"{self.addr}:{self.port} within {self.timeout:g} s (world size {self.world_size})")
@@ -209,7 +213,7 @@ class Group:
                 raise TimeoutError(f"rank {self.rank}: {who} did not answer within {seconds:g} s "
                                    f"({what} {kind!r}); the connection to it is closed") from None
             raise ConnectionError(f"rank {self.rank}: lost the connection to {who} ({what} {kind!r}): "
-                                  f"{message.splitlines()[0][:300]}") from None
+                                  f"{message.splitlines()[0].split('. This is typically')[0][:300]}") from None
 
     def _check_peer(self, peer: int, name: str) -> None:
         if isinstance(peer, bool) or not isinstance(peer, int) or not 0 <= peer < self.world_size:
