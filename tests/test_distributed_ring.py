@@ -41,6 +41,8 @@ def check_equal(results, ring: RingTraining, survivors) -> None:
         assert r["alive"] == ring.alive and r["failed"] == ring.failed and r["order"] == ring.order
         assert r["failed_per_round"] == ring.history["failed"].tolist()
         assert r["bytes"] == ring.wire.total_bytes and r["transfers"] == len(ring.wire)  # the Wire's own counts
+        assert r["transcript"] == [[t.step, t.sender, t.receiver, t.kind, list(t.tensor.shape)]
+                                   for t in ring.wire.observed()]
         assert r["shadow_data_zero"]  # no process holds a peer's data
     holder = [r for r in results if r["node"] == ring.holder]
     assert len(holder) == 1 and torch.allclose(torch.tensor(holder[0]["model"]), ring.weights, atol=1e-6, rtol=0)
@@ -109,7 +111,8 @@ def test_a_peer_dying_inside_its_turn_stops_everyone_with_an_error_naming_it():
         errors = {r: "\n".join(run.lines(r, stderr=True)) for r in (0, 2)}
     assert codes == [1, CRASH_EXIT, 1]
     for r, text in errors.items():
-        assert "ring training stopped" in text and "rank 1" in text, text
+        assert "ring training stopped" in text and "lost the connection to rank 1" in text, text
+        assert "rank 1 hosts node:1" in text, text
 
 
 # -- discovery over a real TCPStore, one thread per rank ------------------------------------

@@ -166,7 +166,8 @@ class RingRun:
         """This process's results as plain JSON-able data: its node's real weights (``weights``), the
         circulating model and its test metrics if this node holds it (else None), the live and
         failed nodes, the deaths it saw, the Wire's byte and transfer counts (as in-process) and
-        what this process itself put on and took off the network."""
+        what this process itself put on and took off the network, and the transcript's entries
+        (step, sender, receiver, kind, shape), the same in every process and in-process."""
         ring, node = self.ring, self.roster.node
         shadows = [v for v in range(len(ring.names)) if v != node]
         transport = ring.wire.transport.inner
@@ -178,7 +179,8 @@ class RingRun:
                 "weights": ring.node_weights[node].tolist(),
                 "model": ring.weights.tolist() if ring.holder == node else None,
                 "test": ring.evaluate() if ring.holder == node else None,
-                "failed_per_round": [int(v) for v in ring.history["failed"]]}
+                "failed_per_round": [int(v) for v in ring.history["failed"]],
+                "transcript": [[t.step, t.sender, t.receiver, t.kind, list(t.tensor.shape)] for t in ring.wire.observed()]}
 
 
 def run_ring(group: Any, node: int, dataset: Any, model: nn.Module, *, rounds: int, topology: Any = None,
@@ -195,6 +197,7 @@ def run_ring(group: Any, node: int, dataset: Any, model: nn.Module, *, rounds: i
     ``ring.alive``/``ring.failed`` as in simulation, ``liveness.dead`` the node -> round of each death.
     A failure is published for every process and raised as a RuntimeError naming its cause.
     """
+    roster = None
     try:
         roster = discover(group, node, dataset, topology=topology, initiator=initiator)
         transport = ProcessTransport(group, roster.hosts())
@@ -213,7 +216,9 @@ def run_ring(group: Any, node: int, dataset: Any, model: nn.Module, *, rounds: i
     except LeftRing:
         raise  # the others go on without this node: nothing to tell them
     except Exception as e:  # noqa: BLE001  (published for the peers, then raised with the root cause)
-        cause = f"rank {group.rank} ({node_name(node)}): {type(e).__name__}: {e}"
+        hosts = (f" [{', '.join(f'rank {r} hosts {node_name(v)}' for v, r in sorted(roster.ranks.items()))}]"
+                 if roster is not None else "")  # who is who, once discovery is done
+        cause = f"rank {group.rank} ({node_name(node)}): {type(e).__name__}: {e}{hosts}"
         try:
             first = group.agree(ABORT_KEY, cause)
         except Exception:  # noqa: BLE001  (the store is gone: our own cause is all there is)
@@ -230,12 +235,11 @@ def leave(group: Any, run: RingRun | None) -> None:
     if run is None:
         group.close(timeout=2.0)
         return
-    if run is not None:
-        for v in run.liveness.dead:
-            try:
-                group.set(f"left/{run.roster.ranks[v]}", "1")
-            except Exception:  # noqa: BLE001  (the store may be gone)
-                pass
+    for v in run.liveness.dead:
+        try:
+            group.set(f"left/{run.roster.ranks[v]}", "1")
+        except Exception:  # noqa: BLE001  (the store may be gone)
+            pass
     group.close()
 
 
