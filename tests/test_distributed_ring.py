@@ -111,7 +111,8 @@ def test_a_peer_dying_inside_its_turn_stops_everyone_with_an_error_naming_it():
         errors = {r: "\n".join(run.lines(r, stderr=True)) for r in (0, 2)}
     assert codes == [1, CRASH_EXIT, 1]
     for r, text in errors.items():
-        assert "ring training stopped" in text and "lost the connection to rank 1" in text, text
+        assert "ring training stopped" in text, text
+        assert "lost the connection to rank 1" in text or "rank 1 did not answer" in text, text
         assert "rank 1 hosts node:1" in text, text
 
 
