@@ -230,3 +230,18 @@ def test_liveness_checks_its_arguments_and_the_hook_only_runs_where_consulted():
     assert ring.history["failed"].tolist() == twin.history["failed"].tolist() == [0, 1]
     with pytest.raises(ValueError, match="returned 'yes'"):
         RingTraining(model, parts, topology.ring(3)).fit(1, liveness=lambda r, v: "yes")
+
+
+def test_command_line_refuses_bad_options_with_a_clear_message(capsys):
+    from toolkit.distributed.__main__ import _topology, main
+
+    with pytest.raises(SystemExit):
+        main(["ring", "--rank", "0", "--world", "3", "--port", "29500", "--fail-in-turn"])
+    assert "--fail-in-turn needs --fail-at-round" in capsys.readouterr().err
+    assert sorted(_topology("0-1,1-2,2-0", 3).edges) == [(0, 1), (0, 2), (1, 2)]
+    assert sorted(_topology("star", 3).edges) == [(0, 1), (0, 2)]
+    for spec, message in (("0-x", "an edge list is 'a-b,b-c,...'"), ("torus", "use ring, line, star, complete")):
+        with pytest.raises(ValueError, match=message):
+            _topology(spec, 3)
+    assert main(["ring", "--rank", "0", "--world", "3", "--port", "1", "--topology", "torus"]) == 1
+    assert "error: ValueError: --topology 'torus'" in capsys.readouterr().err
