@@ -34,7 +34,7 @@ def _values(g: torch.Generator) -> dict[str, Tensor]:
 
 PAIR = [("basic", None), ("basic", "aes-gcm"), ("basic", "chacha20-poly1305"), ("tamper", "aes-gcm"),
         ("tamper", "chacha20-poly1305"), ("tamper", None), ("wire", None), ("wire", "aes-gcm"), ("errors", None),
-        ("mixed", None), ("short", None), ("unreceived", None)]
+        ("mixed", None), ("short", None), ("unreceived", None), ("limit", "aes-gcm")]
 
 
 @pytest.fixture(scope="module")
@@ -313,6 +313,29 @@ def test_a_killed_peer_is_an_error_naming_it_not_a_hang():
             p.communicate()
     assert "rank 1" in result["message"] and "'weights'" in result["message"], result
     assert result["seconds"] < 30
+
+
+def scenario_limit(rank, world, port, encrypt):
+    """rank 1 accepts at most 1,000 bytes per message; rank 0 announces 4,016 (4,000 and the tag)."""
+    with _join(rank, world, port, encrypt) as group:
+        if rank == 0:
+            with pytest.raises((TimeoutError, ConnectionError)):  # rank 1 never takes the rest, then leaves
+                group.send(torch.zeros(1000), 1, kind="too-big", timeout=3.0)
+            group.wait_key("checked", 20)
+            return None
+        group.max_bytes = 1000
+        try:
+            group.recv(0, kind="too-big")
+            message = "no error"
+        except ValueError as e:
+            message = str(e)
+        group.set("checked", "1")
+        return message
+
+
+def test_a_message_over_the_size_limit_is_refused_before_it_is_received(pair):
+    _, message = ran(pair, ("limit", "aes-gcm"))
+    assert "rank 0 announced a 4,016-byte message ('too-big'), over the 1,000-byte limit" in message
 
 
 def scenario_join(rank, world, port, encrypt):
