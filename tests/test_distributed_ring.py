@@ -228,6 +228,14 @@ def test_liveness_checks_its_arguments_and_the_hook_only_runs_where_consulted():
     twin.fit(2, failures={1: 2})
     assert torch.equal(ring.node_weights, twin.node_weights) and ring.failed == twin.failed == [1]
     assert ring.history["failed"].tolist() == twin.history["failed"].tolist() == [0, 1]
+    def stop(r, v):
+        if (r, v) == (3, 2):
+            raise RuntimeError("peer gone")
+        return True
+    saved = ring.node_weights.clone()
+    with pytest.raises(RuntimeError, match="peer gone"):
+        ring.fit(1, liveness=stop)  # raised in round 3 at node:2's turn: nothing of round 3 is committed
+    assert ring.round == 2 and torch.equal(ring.node_weights, saved) and len(ring.history) == 2
     with pytest.raises(ValueError, match="returned 'yes'"):
         RingTraining(model, parts, topology.ring(3)).fit(1, liveness=lambda r, v: "yes")
 

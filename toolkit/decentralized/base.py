@@ -80,7 +80,7 @@ class DecentralizedProtocol(FederatedProtocol):
     """
 
     name = "decentralized"
-    liveness = False  # whether the protocol consults fit(liveness=...) (RingTraining does)
+    consults_liveness = False  # whether fit(liveness=...) is asked at each turn (RingTraining: True)
 
     def __init__(self, model: nn.Module, nodes: Sequence, topology: nx.Graph, *, test: Any = None,
                  config: FedConfig | None = None, wire: Any = None, personal: Sequence[str] = (),
@@ -125,7 +125,7 @@ class DecentralizedProtocol(FederatedProtocol):
         rounds = positive_int("rounds", rounds)
         if liveness is not None and not callable(liveness):
             raise ValueError(f"liveness must be a callable (round, node) -> bool, got {liveness!r}")
-        if liveness is not None and not self.liveness:
+        if liveness is not None and not self.consults_liveness:
             raise ValueError(f"{type(self).__name__} does not consult liveness (RingTraining does): "
                              f"schedule its failures with failures=...")
         self._alive_at = liveness

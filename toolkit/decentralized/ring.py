@@ -43,7 +43,7 @@ class RingTraining(DecentralizedProtocol):
     """
 
     name = "ring"
-    liveness = True
+    consults_liveness = True
 
     def __init__(self, *args: Any, order: Sequence[int] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
