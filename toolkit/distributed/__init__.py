@@ -7,9 +7,21 @@ peer re-forms the ring) and a local launcher (:func:`launch`, ``python -m toolki
 """
 from toolkit.distributed.group import CIPHERS, Group, join
 from toolkit.distributed.transport import ProcessTransport
-from toolkit.distributed.discovery import Roster, discover
-from toolkit.distributed.launch import Launch, free_port, launch
-from toolkit.distributed.ring import RingRun, StoreLiveness, run_ring
+from toolkit.distributed.launch import Launch, free_port, launch  # noqa: E402  (the function, over the submodule)
+
+_LAZY = {"Roster": "discovery", "discover": "discovery", "RingRun": "ring", "StoreLiveness": "ring",
+         "run_ring": "ring"}
+
+
+def __getattr__(name: str):
+    """The ring's names, imported on first use (they pull in toolkit.decentralized and federated)."""
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(f"toolkit.distributed.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'toolkit.distributed' has no attribute {name!r}")
+
 
 __all__ = ["CIPHERS", "Group", "Launch", "ProcessTransport", "RingRun", "Roster", "StoreLiveness", "discover",
            "free_port", "join", "launch", "run_ring"]
