@@ -158,7 +158,7 @@ def discover_all(nodes, graph, *, timeout=5.0):
         except Exception as e:  # noqa: BLE001
             out[rank] = e
 
-    threads = [threading.Thread(target=one, args=(r,), daemon=True) for r in range(len(nodes))]
+    threads = [threading.Thread(target=one, args=(r,), daemon=True) for r in range(len(nodes)) if nodes[r] is not None]
     for t in threads:
         t.start()
     for t in threads:
@@ -209,6 +209,12 @@ def test_store_liveness_agrees_alive_dead_and_stops_on_abort():
     a.agree(ABORT_KEY, "rank 2 (node:2): ConnectionError: gone")
     with pytest.raises(RuntimeError, match=r"stopped by rank 2 \(node:2\): ConnectionError: gone"):
         theirs(3, 0)
+
+
+def test_a_peer_that_never_registers_is_named_by_every_process_after_the_timeout():
+    results = discover_all([0, 1, None], topology.ring(3), timeout=1.0)
+    assert all(isinstance(r, TimeoutError) for r in results[:2]), results
+    assert all("rank(s) [2] joined the group but did not register a node" in str(r) for r in results[:2])
 
 
 def test_liveness_checks_its_arguments_and_the_hook_only_runs_where_consulted():

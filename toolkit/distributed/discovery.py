@@ -111,7 +111,8 @@ def discover(group: Any, node: int, dataset: Any, *, topology: nx.Graph | None =
         dataset: its training data (only :func:`data_info` of it is registered).
         topology: the graph to announce; read on rank 0 only (required there).
         initiator: the node that starts (rank 0 only; default the lowest node id).
-        timeout: seconds to wait for every registration and for the announcement (default the group's).
+        timeout: seconds rank 0 waits for every registration (default the group's); the others
+            wait ``2 * timeout + 1`` s for the announcement.
     """
     timeout = group.timeout if timeout is None else timeout
     rank = group.rank
@@ -125,7 +126,9 @@ def discover(group: Any, node: int, dataset: Any, *, topology: nx.Graph | None =
     group.set(f"discovery/peer/{rank}", json.dumps({"node": node, **info}))
     if rank == 0:
         _announce(group, topology, initiator, timeout)
-    return _roster(group, node, _wait(group, ANNOUNCE_KEY, timeout, "the discovery server's announcement (rank 0)"))
+    # longer than the server's own wait for registrations, so its error naming who is missing comes first
+    text = _wait(group, ANNOUNCE_KEY, 2 * timeout + 1, "the discovery server's announcement (rank 0)")
+    return _roster(group, node, text)
 
 
 def _announce(group: Any, topology: Any, initiator: Any, timeout: float) -> None:
