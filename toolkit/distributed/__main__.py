@@ -4,10 +4,15 @@
     python -m toolkit.distributed ring --rank 1 --world 3 --addr 127.0.0.1 --port 29500
     python -m toolkit.distributed ring --rank 2 --world 3 --addr 127.0.0.1 --port 29500
 
-(on several machines ``--addr`` is rank 0's address, reachable from the others, and ``--port``
-open on it). Each process prints progress lines (``EVENT ...``) and, at the end, one
+(on several machines ``--addr`` is rank 0's address, reachable from the others, ``--port`` open
+on it, and the machines able to reach one another on further TCP ports, which gloo opens per
+pair of processes; ``GLOO_SOCKET_IFNAME`` picks the network interface). Each process prints progress lines (``EVENT ...``) and, at the end, one
 ``RESULT {json}`` line (also written to ``--out``). Exit status: 0 done, 1 an error (the message
 names its cause), 17 told to fail (``--fail-at-round``).
+
+As a demonstration every process builds the same dataset split (``--dataset``, ``--seed``) and keeps
+only its node's share: the others' data are zero placeholders of the registered shapes, and the
+others' weights are zeroed. Library users give each process its own data (:func:`toolkit.distributed.run_ring`).
 """
 from __future__ import annotations
 
@@ -86,9 +91,9 @@ def ring_main(args: argparse.Namespace) -> dict:
     event(f"joined rank={args.rank} node={node} world={args.world} encrypt={args.encrypt}")
     run = None
     try:
-        run = run_ring(group, node, dataset, model, rounds=args.rounds, topology=graph,
-                                  initiator=args.initiator, config=config, liveness_timeout=args.liveness_timeout,
-                                  fail_at=args.fail_at_round, fail_in_turn=args.fail_in_turn, on_event=event)
+        run = run_ring(group, node, dataset, model, rounds=args.rounds, topology=graph, initiator=args.initiator,
+                       config=config, liveness_timeout=args.liveness_timeout, fail_at=args.fail_at_round,
+                       fail_in_turn=args.fail_in_turn, on_event=event)
         for _, row in run.ring.history.iterrows():
             event(f"round {int(row['round'])} nodes={int(row['nodes'])} failed={int(row['failed'])}")
         result = {"rank": args.rank, **run.summary()}
