@@ -32,14 +32,21 @@ def scenario_unreceived(rank, world, port, _):
             message = "no error"
         except TimeoutError as e:
             message = str(e)
+        seconds = time.monotonic() - t0
+        try:  # gloo closed the connection after the timeout: the next message to rank 1 fails at once
+            group.send(torch.zeros(3), 1, kind="after", timeout=5.0)
+            after = "no error"
+        except ConnectionError as e:
+            after = str(e)
         group.set("sent", "1")
-        return {"message": message, "seconds": time.monotonic() - t0}
+        return {"message": message, "seconds": seconds, "after": after}
 
 
 def test_a_send_nobody_receives_times_out_naming_the_peer(pair):
     result, _ = ran(pair, ("unreceived", None))
     assert "rank 1 did not answer within 1 s (sending 'unwanted')" in result["message"]
     assert result["seconds"] < 10
+    assert "lost the connection to rank 1 (sending 'after')" in result["after"]
 
 
 def scenario_victim(rank, world, port):

@@ -171,7 +171,7 @@ def scenario_wire(rank, world, port, encrypt):
         transport = ProcessTransport(group, HOSTS)
         wire = Wire(transport=transport)
         protocol(wire, set(transport.hosted()))
-        return _summary(wire, set(transport.hosted()))
+        return {**_summary(wire, set(transport.hosted())), "network": [transport.sent_bytes, transport.received_bytes]}
 
 
 @pytest.mark.parametrize("encrypt", [None, "aes-gcm"])
@@ -186,6 +186,18 @@ def test_wire_across_processes_matches_in_process(pair, encrypt):
         assert result["transfers"] == expected["transfers"] and result["sizes"] == expected["sizes"]
         assert result["summary"] == expected["summary"]
         assert result["received"] == expected["received"] and len(expected["received"]) >= 10
+    # on the network: transfers between ranks, a broadcast once per receiving rank (server -> a, b: once)
+    crossing = {}
+    for tr in reference.observed():
+        src, dst = HOSTS[tr.sender], HOSTS[tr.receiver]
+        if src != dst:
+            key = (tr.step, tr.kind, src, dst) if tr.kind == "weights" else (len(crossing),)
+            crossing[key] = (src, tr.nbytes)
+    sent = [sum(n for src, n in crossing.values() if src == rank) for rank in (0, 1)]
+    assert [r["network"] for r in results] == [[sent[0], sent[1]], [sent[1], sent[0]]]
+    counted = sum(tr.nbytes for tr in reference.observed() if HOSTS[tr.sender] == 1 and HOSTS[tr.receiver] == 0)
+    weights = sum(tr.nbytes for tr in reference.observed(kind="weights") if tr.receiver == "a")
+    assert sent[1] == counted - weights > 0  # the Wire counts the weights for a and b; they cross once
 
 
 def scenario_errors(rank, world, port, encrypt):
