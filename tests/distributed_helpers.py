@@ -88,6 +88,27 @@ def run_sequence(scenarios: list[tuple[str, list]], world: int, *, timeout: floa
     return [[per_rank[r][i] for r in range(world)] for i in range(len(plan))]
 
 
+def run_pair(module: str, keys: list[tuple[str, object]]) -> dict:
+    """Scenarios ``module:scenario_<name>(rank, world, port, arg)`` for each ``(name, arg)`` in ``keys``,
+    run by one pair of processes; results keyed like ``keys``."""
+    return dict(zip(keys, run_sequence([(f"{module}:scenario_{name}", [arg]) for name, arg in keys], 2)))
+
+
+def ran(results: dict, key) -> list:
+    """The per-rank results of one scenario; fails the test with the traceback if a rank raised."""
+    import pytest
+    for result in results[key]:
+        if isinstance(result, dict) and "failed" in result:
+            pytest.fail(f"scenario {key} failed in a process:\n{result['failed']}")
+    return results[key]
+
+
+def join_for_test(rank: int, world: int, port: int, encrypt=None, timeout: float = 30.0):
+    """``toolkit.distributed.join`` on 127.0.0.1; joins wait long enough for slow starts under load."""
+    from toolkit.distributed import join
+    return join(rank, world, port=port, timeout=timeout, encrypt=encrypt)
+
+
 if __name__ == "__main__":
     target, rank, world, port, args = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     module, fn = target.split(":")

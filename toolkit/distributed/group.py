@@ -144,9 +144,9 @@ class Group:
         first[:framing.HEADER_BYTES] = header.view(torch.uint8)
         inline = min(payload.numel(), framing.INLINE)
         first[framing.HEADER_BYTES:framing.HEADER_BYTES + inline] = payload[:inline]
-        works = [dist.isend(first, dst, tag=HEADER_TAG)]
+        works = [self._start(dist.isend, first, dst, HEADER_TAG, kind, "sending")]
         if payload.numel() > inline:
-            works.append(dist.isend(payload[inline:], dst, tag=PAYLOAD_TAG))
+            works.append(self._start(dist.isend, payload[inline:], dst, PAYLOAD_TAG, kind, "sending"))
         return PendingSend(self, works, (first, payload), dst, kind)
 
     def recv(self, src: int | None = None, *, like: Tensor | None = None, kind: str = "",
@@ -161,7 +161,7 @@ class Group:
         if src is not None:
             self._check_peer(src, "src")
         first = torch.zeros(framing.FIRST_BYTES, dtype=torch.uint8)
-        work = dist.irecv(first, src=src, tag=HEADER_TAG)
+        work = self._start(dist.irecv, first, src, HEADER_TAG, kind, "the header of")
         who = f"rank {src}" if src is not None else "any rank"
         self._wait(work, who, kind, "the header of", timeout)
         if src is None:
@@ -174,8 +174,8 @@ class Group:
         inline = min(header.nbytes, framing.INLINE)
         raw[:inline] = first[framing.HEADER_BYTES:framing.HEADER_BYTES + inline]
         if header.nbytes > inline:
-            self._wait(dist.irecv(raw[inline:], src=src, tag=PAYLOAD_TAG), f"rank {src}", kind or header.kind,
-                       "the payload of", timeout)
+            work = self._start(dist.irecv, raw[inline:], src, PAYLOAD_TAG, kind or header.kind, "the payload of")
+            self._wait(work, f"rank {src}", kind or header.kind, "the payload of", timeout)
         seq = self._received[src]
         if header.seq < seq:  # an old frame sent again: rejected without consuming the next sequence number
             verdict = "failed authentication" if self._cipher is not None else "was rejected"
@@ -202,6 +202,15 @@ class Group:
             raise ValueError(f"rank {self.rank} expected {kind or header.kind!r} from rank {src} as "
                              f"{tuple(like.shape)} {like.dtype}, got {header.shape} {header.dtype}")
         return framing.from_bytes(raw, header.dtype, header.shape), src
+
+    def _start(self, op, tensor: Tensor, peer: int | None, tag: int, kind: str, what: str):
+        """``dist.isend`` / ``dist.irecv``; gloo refuses at once on a connection it has closed."""
+        try:
+            return op(tensor, peer, tag=tag)
+        except RuntimeError as e:
+            who = f"rank {peer}" if peer is not None else "any rank"
+            raise ConnectionError(f"rank {self.rank}: lost the connection to {who} ({what} {kind!r}): "
+                                  f"{str(e).splitlines()[0][:300]}") from None
 
     def _wait(self, work, who: str, kind: str, what: str, timeout: float | None) -> None:
         seconds = self.timeout if timeout is None else timeout
