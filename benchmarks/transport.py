@@ -10,14 +10,16 @@ Variants, side by side for 1 KB, 1 MB and 100 MB float32 tensors:
 - ``socket``: the floor, a raw TCP socket (TCP_NODELAY) sending the same bytes, no framing;
 - ``process``: ProcessTransport over gloo, plain;
 - ``aes-gcm``, ``chacha20-poly1305``: ProcessTransport with authenticated encryption.
-Each figure is the median over timed batches of round trips (after a warm-up); ratios are
-against the socket floor and against in-process.
+Each variant runs once per round (``--rounds``, in a rotating order, each on a fresh group), a
+round's figure is the median over timed batches of round trips after a warm-up, and the table
+shows the median over rounds; ratios are against the socket floor and against in-process.
 
-    python benchmarks/transport.py [--threads 1] [--quick]
+    python benchmarks/transport.py [--threads 1] [--quick] [--rounds 3]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import statistics
 import subprocess
@@ -140,11 +142,21 @@ def in_process(sizes: dict[str, int], quick: bool) -> dict[str, float]:
 
 
 def run_rank(rank: int, ports: list[int], quick: bool) -> dict[str, dict[str, float]]:
+    """Every variant once per round, in a rotating order; each figure is the median over rounds."""
     sizes = QUICK_SIZES if quick else SIZES
-    results = {"socket": socket_floor(rank, ports[0], sizes, quick)}
-    for variant, port in zip(VARIANTS, ports[1:]):
-        results[variant] = process_transport(rank, port, None if variant == "process" else variant, sizes, quick)
-    return results
+    order = ("socket", *VARIANTS)
+    runs: dict[str, list[dict[str, float]]] = {v: [] for v in order}
+    rounds = len(ports) // len(order)
+    for r in range(rounds):
+        for k in range(len(order)):
+            variant = order[(r + k) % len(order)]
+            port = ports[r * len(order) + k]
+            if variant == "socket":
+                runs[variant].append(socket_floor(rank, port, sizes, quick))
+            else:
+                encrypt = None if variant == "process" else variant
+                runs[variant].append(process_transport(rank, port, encrypt, sizes, quick))
+    return {v: {name: statistics.median(run[name] for run in runs[v]) for name in sizes} for v in order}
 
 
 def free_ports(n: int) -> list[int]:
@@ -162,13 +174,14 @@ def fmt_time(s: float) -> str:
 
 
 def table(results: dict[str, dict[str, float]], sizes: dict[str, int]) -> str:
-    lines = [f"{'size':>7} {'transport':>18} {'per message':>12} {'throughput':>12} {'x socket':>9} {'x in-process':>12}"]
+    lines = [f"{'size':>7} {'transport':>18} {'per message':>12} {'throughput':>12} {'x socket':>9} "
+             f"{'x in-process':>12}"]
     for name, nbytes in sizes.items():
         floor, local = results["socket"][name], results["in-process"][name]
         for variant in ("in-process", "socket", *VARIANTS):
             s = results[variant][name]
             lines.append(f"{name:>7} {variant:>18} {fmt_time(s):>12} {nbytes / s / 1e6:>8.1f} MB/s "
-                         f"{s / floor:>9.2f} {s / local:>12.1f}")
+                         f"{s / floor:>9.3g} {s / local:>12.4g}")
     return "\n".join(lines)
 
 
@@ -176,15 +189,20 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     parser.add_argument("--quick", action="store_true", help="1 KB and 1 MB, few repetitions (seconds)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of every variant (default 3; quick 1)")
     parser.add_argument("--peer", type=str, default=None, help=argparse.SUPPRESS)  # ports, for the subprocess
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     torch.set_num_threads(args.threads)
     if args.peer is not None:
         run_rank(1, [int(p) for p in args.peer.split(",")], args.quick)
         return {}
-    ports = free_ports(1 + len(VARIANTS))
+    load_before = os.getloadavg()[0]
+    ports = free_ports(args.rounds * (1 + len(VARIANTS)))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(args.threads),
            "--peer", ",".join(map(str, ports))] + (["--quick"] if args.quick else [])
     peer = subprocess.Popen(cmd, cwd=ROOT, env={"OMP_NUM_THREADS": str(args.threads), **_env()})
@@ -200,13 +218,13 @@ def main(argv=None) -> dict:
     sizes = QUICK_SIZES if args.quick else SIZES
     results["in-process"] = in_process(sizes, args.quick)
     print(f"ping-pong between two processes on 127.0.0.1, torch threads {args.threads}, "
-          f"Wire(record=False); median per message (half a round trip)")
+          f"Wire(record=False); median per message (half a round trip); "
+          f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after on {os.cpu_count()} cores")
     print(table(results, sizes))
     return results
 
 
 def _env() -> dict:
-    import os
     return {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
 
 

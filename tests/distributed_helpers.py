@@ -27,7 +27,8 @@ def free_port() -> int:
 def start(target: str, rank: int, world: int, port: int, args=(), *, env: dict | None = None) -> subprocess.Popen:
     environ = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1",
                **(env or {})}
-    cmd = [sys.executable, str(Path(__file__).resolve()), target, str(rank), str(world), str(port), json.dumps(list(args))]
+    cmd = [sys.executable, str(Path(__file__).resolve()), target, str(rank), str(world), str(port),
+           json.dumps(list(args))]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ, cwd=ROOT)
 
 
@@ -64,6 +65,48 @@ def collect(procs: list[subprocess.Popen], timeout: float = 90.0) -> list:
 def run_ranks(target: str, world: int, args=(), *, timeout: float = 90.0) -> list:
     port = free_port()
     return collect([start(target, r, world, port, args) for r in range(world)], timeout=timeout)
+
+
+def sequence(rank: int, world: int, port: int, plan: list) -> list:
+    """Run several scenarios one after the other in this process, each ``[target, port, args]`` on its
+    own group and port (one process start for many tests); a failing one gives ``{"failed": traceback}``."""
+    import traceback
+    out = []
+    for target, own_port, args in plan:
+        module, fn = target.split(":")
+        try:
+            out.append(getattr(importlib.import_module(module), fn)(rank, world, own_port, *args))
+        except Exception:  # noqa: BLE001  (reported to the test, which fails on it)
+            out.append({"failed": traceback.format_exc()[-3000:]})
+    return out
+
+
+def run_sequence(scenarios: list[tuple[str, list]], world: int, *, timeout: float = 240.0) -> list[list]:
+    """``[(target, args), ...]`` run in order by the same ``world`` processes; results[i][rank]."""
+    plan = [[target, free_port(), list(args)] for target, args in scenarios]
+    per_rank = run_ranks(f"{Path(__file__).stem}:sequence", world, [plan], timeout=timeout)
+    return [[per_rank[r][i] for r in range(world)] for i in range(len(plan))]
+
+
+def run_pair(module: str, keys: list[tuple[str, object]]) -> dict:
+    """Scenarios ``module:scenario_<name>(rank, world, port, arg)`` for each ``(name, arg)`` in ``keys``,
+    run by one pair of processes; results keyed like ``keys``."""
+    return dict(zip(keys, run_sequence([(f"{module}:scenario_{name}", [arg]) for name, arg in keys], 2)))
+
+
+def ran(results: dict, key) -> list:
+    """The per-rank results of one scenario; fails the test with the traceback if a rank raised."""
+    import pytest
+    for result in results[key]:
+        if isinstance(result, dict) and "failed" in result:
+            pytest.fail(f"scenario {key} failed in a process:\n{result['failed']}")
+    return results[key]
+
+
+def join_for_test(rank: int, world: int, port: int, encrypt=None, timeout: float = 30.0):
+    """``toolkit.distributed.join`` on 127.0.0.1; joins wait long enough for slow starts under load."""
+    from toolkit.distributed import join
+    return join(rank, world, port=port, timeout=timeout, encrypt=encrypt)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ def test_keys_are_per_direction_per_pair_and_per_cipher():
     shared = a.exchange(b.public_key())
     assert shared == b.exchange(a.public_key())
     keys = {crypto.pair_key(shared, "aes-gcm", 0, 1, pa, pb), crypto.pair_key(shared, "aes-gcm", 1, 0, pb, pa),
-            crypto.pair_key(shared, "chacha20-poly1305", 0, 1, pa, pb), crypto.pair_key(shared, "aes-gcm", 0, 2, pa, pb)}
+            crypto.pair_key(shared, "chacha20-poly1305", 0, 1, pa, pb),
+            crypto.pair_key(shared, "aes-gcm", 0, 2, pa, pb)}
     assert len(keys) == 4 and all(len(k) == 32 for k in keys)
 
 

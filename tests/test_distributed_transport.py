@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from distributed_helpers import collect, free_port, run_ranks, start
+from distributed_helpers import join_for_test as _join, ran, run_pair
 from toolkit.distributed import framing
 from toolkit.messages import Packet
 from toolkit.wire import Wire
@@ -30,9 +30,14 @@ def _values(g: torch.Generator) -> dict[str, Tensor]:
             "big": torch.randn(300, 500, generator=g)}
 
 
-def _join(rank, world, port, encrypt=None, timeout=15.0):
-    from toolkit.distributed import join
-    return join(rank, world, port=port, timeout=timeout, encrypt=encrypt)
+PAIR = [("basic", None), ("basic", "aes-gcm"), ("basic", "chacha20-poly1305"), ("tamper", "aes-gcm"),
+        ("tamper", "chacha20-poly1305"), ("tamper", None), ("wire", None), ("wire", "aes-gcm"), ("errors", None)]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """Every two-process scenario here, run by one pair of processes (one group and port each)."""
+    return run_pair(T, PAIR)
 
 
 def scenario_basic(rank, world, port, encrypt):
@@ -55,8 +60,8 @@ def scenario_basic(rank, world, port, encrypt):
 
 
 @pytest.mark.parametrize("encrypt", [None, "aes-gcm", "chacha20-poly1305"])
-def test_send_recv_every_dtype_and_any_source(encrypt):
-    sender, receiver = run_ranks(f"{T}:scenario_basic", 2, [encrypt])
+def test_send_recv_every_dtype_and_any_source(pair, encrypt):
+    sender, receiver = ran(pair, ("basic", encrypt))
     assert receiver == {name: True for name in _values(torch.Generator().manual_seed(7))}
     assert sender == {"reply": [0.0, 1.0, 2.0, 3.0], "src": 1}
 
@@ -98,17 +103,17 @@ def scenario_tamper(rank, world, port, encrypt):
 
 
 @pytest.mark.parametrize("encrypt", ["aes-gcm", "chacha20-poly1305"])
-def test_tampered_or_replayed_message_fails_authentication(encrypt):
-    _, got = run_ranks(f"{T}:scenario_tamper", 2, [encrypt])
+def test_tampered_or_replayed_message_fails_authentication(pair, encrypt):
+    _, got = ran(pair, ("tamper", encrypt))
     assert got[0] == 0.0 and got[3] == 3.0 and got[5] == 5.0  # the good ones, also after the rejections
     for i in (1, 2, 4):
         assert "failed authentication" in got[i] and "from rank 0" in got[i], got[i]
     assert "'m1'" in got[1] and "'m3'" in got[4] and "replay" in got[4]
 
 
-def test_without_encryption_tampering_goes_unnoticed_but_replays_do_not():
+def test_without_encryption_tampering_goes_unnoticed_but_replays_do_not(pair):
     """What the encryption option is for: a plain group accepts a modified payload."""
-    _, got = run_ranks(f"{T}:scenario_tamper", 2, [None])
+    _, got = ran(pair, ("tamper", None))
     assert got[0] == 0.0 and isinstance(got[1], float) and got[1] != 1.0  # the flipped bit was accepted
     assert got[2] == 2.0  # a relabelled kind is just another kind
     assert "was rejected as a replay: sequence number 3, expected 4" in got[4]  # the replay repeats a sequence number
@@ -142,7 +147,8 @@ def protocol(wire: Wire, hosted: set[str] | None) -> None:
         up = wire.send(rows, sender=("a", "b", "c"), receiver="server", kind="stacked-up")
         wire.send(real("server", up.flip(0) - 1), sender="server", receiver=("a", "b", "c"), kind="stacked-down")
         packets = Sparse(torch.randint(0, 10, (3, 2), generator=g), torch.randn(3, 2, generator=g))
-        packets = Sparse(*(torch.stack([real(p, r) for p, r in zip("abc", f)]) for f in (packets.indices, packets.values)))
+        packets = Sparse(*(torch.stack([real(p, r) for p, r in zip("abc", f)])
+                           for f in (packets.indices, packets.values)))
         wire.send(packets, sender=("a", "b", "c"), receiver="server", kind="stacked-packet")
         wire.broadcast(real("server", up.sum(0)), sender="server", receivers=("a", "b", "c"), kind="weights")
         wire.tick()
@@ -155,6 +161,7 @@ def _summary(wire: Wire, hosted: set[str]) -> dict:
     got = [[tr.step, tr.sender, tr.receiver, tr.kind, value(tr.tensor)] for tr in wire.observed()
            if tr.receiver in hosted]
     return {"ledger": wire.ledger().values.tolist(), "total": wire.total_bytes, "transfers": len(wire.observed()),
+            "sizes": [[tr.kind, tr.nbytes] for tr in wire.observed()], "summary": wire.summary().values.tolist(),
             "received": got}
 
 
@@ -164,27 +171,40 @@ def scenario_wire(rank, world, port, encrypt):
         transport = ProcessTransport(group, HOSTS)
         wire = Wire(transport=transport)
         protocol(wire, set(transport.hosted()))
-        return _summary(wire, set(transport.hosted()))
+        return {**_summary(wire, set(transport.hosted())), "network": [transport.sent_bytes, transport.received_bytes]}
 
 
 @pytest.mark.parametrize("encrypt", [None, "aes-gcm"])
-def test_wire_across_processes_matches_in_process(encrypt):
-    results = run_ranks(f"{T}:scenario_wire", 2, [encrypt])
+def test_wire_across_processes_matches_in_process(pair, encrypt):
+    results = ran(pair, ("wire", encrypt))
     reference = Wire()
     protocol(reference, None)
     for rank, result in enumerate(results):
         hosted = {p for p, r in HOSTS.items() if r == rank}
         expected = _summary(reference, hosted)
         assert result["ledger"] == expected["ledger"] and result["total"] == expected["total"] > 0
-        assert result["transfers"] == expected["transfers"]
+        assert result["transfers"] == expected["transfers"] and result["sizes"] == expected["sizes"]
+        assert result["summary"] == expected["summary"]
         assert result["received"] == expected["received"] and len(expected["received"]) >= 10
+    # on the network: transfers between ranks, a broadcast once per receiving rank (server -> a, b: once)
+    crossing = {}
+    for tr in reference.observed():
+        src, dst = HOSTS[tr.sender], HOSTS[tr.receiver]
+        if src != dst:
+            key = (tr.step, tr.kind, src, dst) if tr.kind == "weights" else (len(crossing),)
+            crossing[key] = (src, tr.nbytes)
+    sent = [sum(n for src, n in crossing.values() if src == rank) for rank in (0, 1)]
+    assert [r["network"] for r in results] == [[sent[0], sent[1]], [sent[1], sent[0]]]
+    counted = sum(tr.nbytes for tr in reference.observed() if HOSTS[tr.sender] == 1 and HOSTS[tr.receiver] == 0)
+    weights = sum(tr.nbytes for tr in reference.observed(kind="weights") if tr.receiver == "a")
+    assert sent[1] == counted - weights > 0  # the Wire counts the weights for a and b; they cross once
 
 
-def scenario_errors(rank, world, port):
+def scenario_errors(rank, world, port, encrypt):
     """Shape mismatch (then the channel is still in step), kind mismatch, then a timeout."""
     from toolkit.distributed import ProcessTransport
     out = {}
-    with _join(rank, world, port) as group:
+    with _join(rank, world, port, encrypt) as group:
         transport = ProcessTransport(group, {"client": 0, "server": 1}, timeout=5.0)
         wire = Wire(transport=transport)
         x = torch.ones(3, 4) if rank == 0 else torch.zeros(4, 3)  # the server's shadow has the wrong shape
@@ -207,7 +227,12 @@ def scenario_errors(rank, world, port):
                 out["kind"] = str(e)
             group.wait_key("go", 10)
             try:
-                group.recv(0, like=torch.zeros(2), kind="never-sent", timeout=1.0)
+                wire.send(torch.zeros(3), sender="nobody", receiver="server", kind="x")
+            except ValueError as e:
+                out["unknown"] = str(e)
+            impatient = Wire(transport=ProcessTransport(group, {"client": 0, "server": 1}, timeout=1.0))
+            try:  # the client's process never sends this one
+                impatient.send(torch.zeros(2), sender="client", receiver="server", kind="never-sent")
                 out["timeout"] = "no error"
             except TimeoutError as e:
                 out["timeout"] = str(e)
@@ -217,29 +242,18 @@ def scenario_errors(rank, world, port):
     return out
 
 
-def test_mismatch_and_timeout_errors_name_the_peer():
-    client, server = run_ranks(f"{T}:scenario_errors", 2, [])
+def test_mismatch_and_timeout_errors_name_the_peer(pair):
+    client, server = ran(pair, ("errors", None))
     assert client["shape"] == "no error" and client["next"] == [5.0, 5.0]
     msg = server["shape"]
     for part in ("'activations'", "'client'", "'server'", "(4, 3)", "(3, 4)"):
         assert part in msg, (part, msg)
     assert server["next"] == [5.0, 5.0]  # the mismatched payload was drained: still in step
     assert "expected 'gradients' from rank 0, got 'weights'" in server["kind"]
-    assert "rank 0 did not answer within 1 s" in server["timeout"] and "never-sent" in server["timeout"]
-
-
-def scenario_alone(rank, world, port):
-    try:
-        _join(rank, world, port, timeout=2.0)
-    except TimeoutError as e:
-        return str(e)
-    return "joined"
-
-
-def test_a_peer_that_never_joins_is_named():
-    port = free_port()
-    (message,) = collect([start(f"{T}:scenario_alone", 0, 3, port)], timeout=30)
-    assert "rank(s) [1, 2] did not join" in message
+    assert "party 'nobody' has no rank" in server["unknown"]
+    for part in ("'server' (rank 1) waited for 'never-sent' from 'client' (rank 0)",
+                 "rank 0 did not answer within 1 s"):
+        assert part in server["timeout"], server["timeout"]
 
 
 BANNED = {"pickle", "cPickle", "dill", "marshal", "shelve", "send_object_list", "recv_object_list",
@@ -263,9 +277,10 @@ def unpickling_uses(source: str) -> list[str]:
             if node.attr == "load" and isinstance(node.value, ast.Name) and node.value.id == "torch":
                 hits.append(f"{node.lineno}: torch.load")
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [a.name.split(".")[0] for a in node.names] + ([node.module.split(".")[0]]
-                                                                   if isinstance(node, ast.ImportFrom) and node.module else [])
-            if isinstance(node, ast.ImportFrom) and node.module == "torch" and any(a.name == "load" for a in node.names):
+            names = [a.name.split(".")[0] for a in node.names]
+            module = node.module if isinstance(node, ast.ImportFrom) else None
+            names += [module.split(".")[0]] if module else []
+            if module == "torch" and any(a.name == "load" for a in node.names):
                 hits.append(f"{node.lineno}: from torch import load")
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
             names = re.findall(r"\w+", node.value)
@@ -286,3 +301,22 @@ def test_no_pickle_in_toolkit_distributed():
     assert len(files) >= 4
     hits = [f"{f.name}:{h}" for f in files for h in unpickling_uses(f.read_text())]
     assert hits == []
+
+
+def test_benchmark_quick_mode_prints_every_transport_beside_the_socket_floor():
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "transport.py"), "--quick", "--threads", "1"],
+                          capture_output=True, text=True, timeout=180, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines() if re.match(r"\s*1 [KM]B\s", line)]
+    variants = {"in-process", "socket", "process", "aes-gcm", "chacha20-poly1305"}
+    assert {(r[0] + " " + r[1], r[2]) for r in rows} == {(s, v) for s in ("1 KB", "1 MB") for v in variants}
+    for r in rows:
+        x_socket, x_local = float(r[-2]), float(r[-1])
+        assert x_socket > 0 and x_local > 0
+        if r[2] == "socket":
+            assert x_socket == 1.0
+        if r[2] == "in-process":
+            assert x_local == 1.0

@@ -8,7 +8,7 @@ of each node's data); node ``i`` trains on the ``i``-th dataset, its party name 
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import networkx as nx
@@ -80,6 +80,7 @@ class DecentralizedProtocol(FederatedProtocol):
     """
 
     name = "decentralized"
+    consults_liveness = False  # whether fit(liveness=...) is asked at each turn (RingTraining: True)
 
     def __init__(self, model: nn.Module, nodes: Sequence, topology: nx.Graph, *, test: Any = None,
                  config: FedConfig | None = None, wire: Any = None, personal: Sequence[str] = (),
@@ -100,10 +101,12 @@ class DecentralizedProtocol(FederatedProtocol):
         self.node_weights = self.weights.expand(len(nodes), len(self.weights)).clone()  # (N, P) each node's model
         self.alive = list(range(len(nodes)))
         self.failed: list[int] = []  # in the order they failed
+        self._alive_at: Any = None  # fit's liveness callable while it runs
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self, rounds: int = 1, *, failures: Mapping[int, int] | None = None, patience: int | None = None,
-            tol: float = 0.0, show_progress: bool = False) -> pd.DataFrame:
+            tol: float = 0.0, show_progress: bool = False,
+            liveness: Callable[[int, int], bool] | None = None) -> pd.DataFrame:
         """Run up to ``rounds`` rounds; returns one history row per round (also in ``self.history``).
 
         Args:
@@ -114,8 +117,18 @@ class DecentralizedProtocol(FederatedProtocol):
             patience: stop early once ``test_loss`` has not improved on its best by more than ``tol``
                 (relative) for this many rounds (None: use the whole budget).
             tol: the relative improvement that counts, e.g. 0.001.
+            liveness: ``(round, node) -> bool``, asked at each live node's turn (RingTraining): False
+                makes the node fail there, exactly as a ``failures`` entry for that round would;
+                :class:`toolkit.distributed.ring.StoreLiveness` agrees it across processes. It may
+                raise to abort the round (nothing of the round is committed).
         """
         rounds = positive_int("rounds", rounds)
+        if liveness is not None and not callable(liveness):
+            raise ValueError(f"liveness must be a callable (round, node) -> bool, got {liveness!r}")
+        if liveness is not None and not self.consults_liveness:
+            raise ValueError(f"{type(self).__name__} does not consult liveness (RingTraining does): "
+                             f"schedule its failures with failures=...")
+        self._alive_at = liveness
         schedule = self._check_failures(failures or {})
         if patience is not None:
             patience = positive_int("patience", patience)
@@ -126,7 +139,7 @@ class DecentralizedProtocol(FederatedProtocol):
         best, since = float("inf"), 0
         for _ in progress(range(rounds), show=show_progress, desc=type(self).__name__):
             failing = {v for v, r in schedule.items() if r <= self.round + 1 and v in self.alive}
-            before = self.wire.total_bytes
+            before, live = self.wire.total_bytes, len(self.alive)
             self.wire.tick()
             row = self._round(failing)
             self.round += 1
@@ -134,7 +147,7 @@ class DecentralizedProtocol(FederatedProtocol):
             if self.round % self.config.eval_every == 0:
                 row.update(self._evaluate_model())
             row.update({"bytes": self.wire.total_bytes - before, "nodes": len(self.alive),
-                        "failed": len(failing), **self._reports(None)})
+                        "failed": live - len(self.alive), **self._reports(None)})
             rows.append(row)
             if patience is not None:
                 loss = row["test_loss"]
@@ -142,6 +155,17 @@ class DecentralizedProtocol(FederatedProtocol):
                 if since >= patience:
                     break
         return self._record(rows)
+
+    def _fails(self, node: int, failing: set[int]) -> bool:
+        """Whether ``node`` fails at its turn in the coming round: scheduled, or its liveness says so."""
+        if node in failing:
+            return True
+        if self._alive_at is None:
+            return False
+        answer = self._alive_at(self.round + 1, node)
+        if not isinstance(answer, bool):
+            raise ValueError(f"liveness({self.round + 1}, {node}) returned {answer!r}, not True or False")
+        return not answer
 
     def _round(self, failing: set[int]) -> dict[str, Any]:
         """One round, with the nodes in ``failing`` failing in it; commits its state only at the end.

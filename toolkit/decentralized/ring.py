@@ -22,7 +22,9 @@ class RingTraining(DecentralizedProtocol):
     only, personal layers stay home), trains it on its private data for ``local_epochs``, and
     forwards it to its successor. One round is one trip round the ring, so with one local epoch a
     round is one epoch over the network's data. A node that fails is skipped: its predecessor
-    forwards to the next live node and the ring re-forms around it.
+    forwards to the next live node and the ring re-forms around it. Failures come from
+    ``fit(failures=...)`` or, at each node's turn, from ``fit(liveness=...)`` (what
+    :mod:`toolkit.distributed` uses to agree across processes that a peer is gone).
 
     Args: see :class:`~toolkit.decentralized.base.DecentralizedProtocol`; ``order`` is the ring
     (every node once, consecutive nodes and the last and first linked), by default the cycle of
@@ -41,6 +43,7 @@ class RingTraining(DecentralizedProtocol):
     """
 
     name = "ring"
+    consults_liveness = True
 
     def __init__(self, *args: Any, order: Sequence[int] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -52,7 +55,7 @@ class RingTraining(DecentralizedProtocol):
         order, topology, alive = list(self.order), self.topology, list(self.alive)
         holder, losses = self.holder, []
         for v in list(order):
-            if v in failing:  # the model reaches v: it does not answer; the ring re-forms around it
+            if self._fails(v, failing):  # the model reaches v: it does not answer; the ring re-forms around it
                 topology = heal(topology, v, order=order)
                 order.remove(v)
                 alive.remove(v)

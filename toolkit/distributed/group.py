@@ -98,7 +98,11 @@ class Group:
         deadline = time.monotonic() + self.timeout
         missing = list(range(self.world_size))
         while missing:
-            missing = [r for r in missing if not self.store.check([f"{_PREFIX}joined/{r}"])]
+            try:
+                missing = [r for r in missing if not self.store.check([f"{_PREFIX}joined/{r}"])]
+            except Exception as e:  # noqa: BLE001  (torch raises DistNetworkError when the host has gone)
+                raise ConnectionError(f"rank {self.rank} lost the store at {self.addr}:{self.port} (rank 0 hosts "
+                                      f"it and has left) while rank(s) {missing} had not joined") from e
             if missing and time.monotonic() > deadline:
                 raise TimeoutError(f"rank {self.rank}: rank(s) {missing} did not join the group at "
                                    f"{self.addr}:{self.port} within {self.timeout:g} s (world size {self.world_size})")
@@ -140,9 +144,9 @@ class Group:
         first[:framing.HEADER_BYTES] = header.view(torch.uint8)
         inline = min(payload.numel(), framing.INLINE)
         first[framing.HEADER_BYTES:framing.HEADER_BYTES + inline] = payload[:inline]
-        works = [dist.isend(first, dst, tag=HEADER_TAG)]
+        works = [self._start(dist.isend, first, dst, HEADER_TAG, kind, "sending")]
         if payload.numel() > inline:
-            works.append(dist.isend(payload[inline:], dst, tag=PAYLOAD_TAG))
+            works.append(self._start(dist.isend, payload[inline:], dst, PAYLOAD_TAG, kind, "sending"))
         return PendingSend(self, works, (first, payload), dst, kind)
 
     def recv(self, src: int | None = None, *, like: Tensor | None = None, kind: str = "",
@@ -157,7 +161,7 @@ class Group:
         if src is not None:
             self._check_peer(src, "src")
         first = torch.zeros(framing.FIRST_BYTES, dtype=torch.uint8)
-        work = dist.irecv(first, src=src, tag=HEADER_TAG)
+        work = self._start(dist.irecv, first, src, HEADER_TAG, kind, "the header of")
         who = f"rank {src}" if src is not None else "any rank"
         self._wait(work, who, kind, "the header of", timeout)
         if src is None:
@@ -170,8 +174,8 @@ class Group:
         inline = min(header.nbytes, framing.INLINE)
         raw[:inline] = first[framing.HEADER_BYTES:framing.HEADER_BYTES + inline]
         if header.nbytes > inline:
-            self._wait(dist.irecv(raw[inline:], src=src, tag=PAYLOAD_TAG), f"rank {src}", kind or header.kind,
-                       "the payload of", timeout)
+            work = self._start(dist.irecv, raw[inline:], src, PAYLOAD_TAG, kind or header.kind, "the payload of")
+            self._wait(work, f"rank {src}", kind or header.kind, "the payload of", timeout)
         seq = self._received[src]
         if header.seq < seq:  # an old frame sent again: rejected without consuming the next sequence number
             verdict = "failed authentication" if self._cipher is not None else "was rejected"
@@ -199,6 +203,15 @@ class Group:
                              f"{tuple(like.shape)} {like.dtype}, got {header.shape} {header.dtype}")
         return framing.from_bytes(raw, header.dtype, header.shape), src
 
+    def _start(self, op, tensor: Tensor, peer: int | None, tag: int, kind: str, what: str):
+        """``dist.isend`` / ``dist.irecv``; gloo refuses at once on a connection it has closed."""
+        try:
+            return op(tensor, peer, tag=tag)
+        except RuntimeError as e:
+            who = f"rank {peer}" if peer is not None else "any rank"
+            raise ConnectionError(f"rank {self.rank}: lost the connection to {who} ({what} {kind!r}): "
+                                  f"{str(e).splitlines()[0][:300]}") from None
+
     def _wait(self, work, who: str, kind: str, what: str, timeout: float | None) -> None:
         seconds = self.timeout if timeout is None else timeout
         try:
@@ -209,7 +222,7 @@ class Group:
                 raise TimeoutError(f"rank {self.rank}: {who} did not answer within {seconds:g} s "
                                    f"({what} {kind!r}); the connection to it is closed") from None
             raise ConnectionError(f"rank {self.rank}: lost the connection to {who} ({what} {kind!r}): "
-                                  f"{message.splitlines()[0][:300]}") from None
+                                  f"{message.splitlines()[0].split('. This is typically')[0][:300]}") from None
 
     def _check_peer(self, peer: int, name: str) -> None:
         if isinstance(peer, bool) or not isinstance(peer, int) or not 0 <= peer < self.world_size:
