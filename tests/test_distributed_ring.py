@@ -259,3 +259,15 @@ def test_command_line_refuses_bad_options_with_a_clear_message(capsys):
             _topology(spec, 3)
     assert main(["ring", "--rank", "0", "--world", "3", "--port", "1", "--topology", "torus"]) == 1
     assert "error: ValueError: --topology 'torus'" in capsys.readouterr().err
+
+
+def test_one_command_line_runs_both_the_ring_and_split_learning(capsys):
+    from toolkit.distributed.__main__ import main
+
+    for command, option in (("ring", "--fail-at-round"), ("split", "--config")):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0 and option in capsys.readouterr().out
+    # a split rank whose options are wrong fails with one line naming the problem, status 1
+    assert main(["split", "--rank", "3", "--world", "2", "--port", "1"]) == 1
+    assert "error: ValueError: --rank must be in [0, 2), got 3" in capsys.readouterr().err

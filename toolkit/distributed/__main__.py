@@ -1,4 +1,5 @@
-"""Command line: one process per terminal or machine, e.g. a ring of three on one machine::
+"""Command line: one process per terminal or machine (``ring`` or ``split``; README's "Running
+across processes and machines"), e.g. a ring of three on one machine::
 
     python -m toolkit.distributed ring --rank 0 --world 3 --addr 127.0.0.1 --port 29500
     python -m toolkit.distributed ring --rank 1 --world 3 --addr 127.0.0.1 --port 29500
@@ -111,11 +112,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _ring_parser(sub)
+    from toolkit.distributed import split_cli
+
+    split_cli.add_arguments(sub.add_parser("split", help="split learning (vanilla, U-shaped, relay): one party per "
+                                           "process", description="Split learning across processes; see "
+                                           "toolkit.distributed.split."))
     args = parser.parse_args(argv)
     if args.command == "ring" and args.fail_in_turn and args.fail_at_round is None:
         parser.error("--fail-in-turn needs --fail-at-round (the round whose turn the node dies in)")
     try:
-        {"ring": ring_main}[args.command](args)
+        {"ring": ring_main, "split": split_cli.run_from_args}[args.command](args)
     except Exception as e:  # noqa: BLE001  (one clear line naming the cause, then the status)
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1

@@ -1,6 +1,6 @@
 """Command line for split learning across processes: one process per terminal or machine.
 
-    python -m toolkit.distributed.split_cli split --rank R --world N --addr A --port P [options]
+    python -m toolkit.distributed split --rank R --world N --addr A --port P [options]
 
 Rank 0 is the server and hosts the rendezvous store (the address the others dial); vanilla and
 U-shaped need ``--world 2`` (the client on rank 1), the relay ``--world K+1`` (client:k on rank
