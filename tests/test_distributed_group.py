@@ -105,8 +105,9 @@ def test_a_message_over_the_size_limit_is_refused_before_it_is_received(pair):
     assert "rank 0 announced a 4,016-byte message ('too-big'), over the 1,000-byte limit" in message
 
 
-def scenario_join(rank, world, port, encrypt):
-    """Registration: a second process claiming a taken rank is refused; agree() and the store."""
+def scenario_join(rank, world, port, encrypt, duplicate=False):
+    """Registration: a second process claiming a taken rank is refused; agree() and the store.
+    With ``duplicate``, rank 0 keeps the store up until the second claim of rank 1 was refused."""
     try:
         group = _join(rank, world, port, encrypt)
     except Exception as e:  # noqa: BLE001  (the test reads which error each process saw)
@@ -122,12 +123,16 @@ def scenario_join(rank, world, port, encrypt):
             missing = str(e)
         group.set(f"agreed/{rank}", agreed)
         group.wait_key(f"agreed/{1 - rank}", 10)  # stay until the other has agreed
+        deadline = time.monotonic() + 90
+        while duplicate and rank == 0 and not group.store.check(["leaklab/refused/1"]):
+            assert time.monotonic() < deadline, "the second rank 1 never tried to join"
+            time.sleep(0.05)
         return {"agreed": agreed, "again": again, "other": other, "missing": missing}
 
 
 def test_registering_a_rank_twice_is_refused_and_agree_has_one_winner():
     port = free_port()
-    results = collect([start(f"{T}:scenario_join", r, 2, port, [None]) for r in (0, 1, 1)], timeout=150)
+    results = collect([start(f"{T}:scenario_join", r, 2, port, [None, True]) for r in (0, 1, 1)], timeout=150)
     errors = [r["error"] for r in results if "error" in r]
     joined = [r for r in results if "error" not in r]
     assert len(errors) == 1 and "rank 1 has already joined this group" in errors[0]

@@ -90,6 +90,7 @@ class Group:
         token = os.urandom(8).hex()
         got = self.store.compare_set(f"{_PREFIX}joined/{self.rank}", "", token).decode()
         if got != token:
+            self.store.add(f"{_PREFIX}refused/{self.rank}", 1)  # the others can see a second claim was refused
             raise RuntimeError(f"rank {self.rank} has already joined this group at {self.addr}:{self.port} "
                                f"(another process registered as rank {self.rank})")
         self.set(f"cipher/{self.rank}", self.encrypt or "none")
