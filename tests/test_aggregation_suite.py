@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from torch.func import functional_call, grad
@@ -215,6 +216,11 @@ def test_the_plot_draws_every_measured_row_and_puts_unreadable_ones_on_the_floor
     assert len(floor) == 1 and floor[0].get_ydata()[0] == pytest.approx(frame["psnr"].min() - 3)
     with pytest.raises(ValueError, match="no column 'watts'"):
         plot_suite(frame, x="watts")
+    rows = pd.DataFrame(frame.to_dict("records"))  # the rows, without the histories in attrs
+    twins = pd.concat([rows, rows.assign(scheme="twin")], ignore_index=True)  # the same spots twice
+    _, ax2 = plot_suite(twins)
+    labels = sorted(t.get_text() for t in ax2.texts)
+    assert len(ax2.texts) == 3 and "plain, twin" in labels and "sealed, twin" in labels
 
 
 @pytest.mark.skipif(not (ROOT / "benchmarks" / "aggregation_suite.py").exists(), reason="benchmark not written yet")

@@ -260,12 +260,39 @@ def _utility(history: pd.DataFrame, config: SuiteConfig) -> dict[str, float]:
             "time_to_target": math.nan if first is None else float(clock.iloc[first])}
 
 
+def _label_lifts(spots: dict) -> list[tuple[tuple[float, float], float, list[str]]]:
+    """(point, upward offset in points, names) per label: a label that would sit on an earlier one
+    (within a tenth of the log x range and 3% of the y range) is dropped if it names the same
+    schemes, else moves up one line at a time."""
+    points = [(v[0], v[1:]) for v in spots.values()]
+    lx = [math.log10(max(p[0], 1e-300)) for p, _ in points]
+    ys = [p[1] for p, _ in points]
+    wx, wy = max(max(lx) - min(lx), 1e-9), max(max(ys) - min(ys), 1e-9)
+    placed: list[tuple[float, float, list[str]]] = []
+    out = []
+    for (at, names), x in sorted(zip(points, lx), key=lambda item: (item[0][0][1], item[1])):
+        fx, fy = (x - min(lx)) / wx, (at[1] - min(ys)) / wy
+
+        def near(lift: float) -> list[list[str]]:
+            return [n for px, py, n in placed if abs(fx - px) < 0.1 and abs(fy + lift / 250 - py) < 0.03]
+
+        if names in near(0.0):
+            continue  # the same schemes are already named right there
+        lift = 0.0
+        while near(lift):
+            lift += 8.0  # one x-small line; the axes are about 250 points high
+        placed.append((fx, fy + lift / 250, names))
+        out.append((at, lift, names))
+    return out
+
+
 def plot_suite(frame: pd.DataFrame, *, x: str = "bytes_up", y: str = "psnr", colour: str = "final_accuracy",
                ax: Any = None) -> tuple[Any, Any]:
     """Leakage against bandwidth against accuracy: one point per measured (scheme, n), ``x`` on a log
     scale, ``colour`` as its colour (grey: not trained), one marker per n, each labelled with its
-    scheme. Rows whose ``y`` is NaN (the server read no update: a ciphertext) sit on a dashed line
-    below the lowest measured value. Returns (fig, ax)."""
+    scheme (the schemes of points on nearly the same spot share one label). Rows whose ``y`` is NaN
+    (the server read no update: a ciphertext) sit on a dashed line below the lowest measured value.
+    Returns (fig, ax)."""
     from toolkit.plots._base import LABELS, _axes
 
     for col in (x, y, "scheme", "clients"):
@@ -288,9 +315,14 @@ def plot_suite(frame: pd.DataFrame, *, x: str = "bytes_up", y: str = "psnr", col
         if (sel & c.isna()).any():
             ax.scatter(shown.loc[sel & c.isna(), x], ys[sel & c.isna()].fillna(floor), facecolors="none",
                        edgecolors="grey", marker=mark, s=60, label=f"n = {n:,} (not trained)")
+    spots: dict[tuple[float, float], list[str]] = {}  # schemes drawn on (nearly) the same spot share one label
     for _, r in shown.iterrows():
-        ax.annotate(str(r["scheme"]), (r[x], r[y] if r[y] == r[y] else floor), textcoords="offset points",
-                    xytext=(5, 3), fontsize="x-small")
+        at = (float(r[x]), float(r[y]) if r[y] == r[y] else floor)
+        key = (round(math.log10(max(at[0], 1e-300)), 1), round(at[1], 0))
+        spots.setdefault(key, [at]).append(str(r["scheme"]))
+    for at, lift, names in _label_lifts(spots):
+        ax.annotate(", ".join(dict.fromkeys(names)), at, textcoords="offset points", xytext=(5, 3 + lift),
+                    fontsize="x-small")
     if ys.isna().any():
         ax.axhline(floor, color="grey", linestyle="--", linewidth=0.8)
         ax.annotate("server reads no update", (0.01, floor), xycoords=("axes fraction", "data"), xytext=(0, -10),
