@@ -262,26 +262,22 @@ def _utility(history: pd.DataFrame, config: SuiteConfig) -> dict[str, float]:
 
 def _label_lifts(spots: dict) -> list[tuple[tuple[float, float], float, list[str]]]:
     """(point, upward offset in points, names) per label: a label that would sit on an earlier one
-    (within a tenth of the log x range and 3% of the y range) is dropped if it names the same
-    schemes, else moves up one line at a time."""
-    points = [(v[0], v[1:]) for v in spots.values()]
+    (within a tenth of the log x range and 3% of the y range) moves up one line at a time; one
+    naming the same schemes as a label within 8% of the y range is dropped."""
+    points = [(v[0], list(dict.fromkeys(v[1:]))) for v in spots.values()]  # each scheme named once
     lx = [math.log10(max(p[0], 1e-300)) for p, _ in points]
     ys = [p[1] for p, _ in points]
     wx, wy = max(max(lx) - min(lx), 1e-9), max(max(ys) - min(ys), 1e-9)
-    placed: list[tuple[float, float, list[str]]] = []
+    placed: list[tuple[float, float, float, list[str]]] = []  # label x, label y, its point's y, names
     out = []
     for (at, names), x in sorted(zip(points, lx), key=lambda item: (item[0][0][1], item[1])):
         fx, fy = (x - min(lx)) / wx, (at[1] - min(ys)) / wy
-
-        def near(lift: float) -> list[list[str]]:
-            return [n for px, py, n in placed if abs(fx - px) < 0.1 and abs(fy + lift / 250 - py) < 0.03]
-
-        if names in near(0.0):
-            continue  # the same schemes are already named right there
+        if any(n == names and abs(fx - px) < 0.1 and abs(fy - py) < 0.08 for px, _, py, n in placed):
+            continue  # the same schemes are already named there
         lift = 0.0
-        while near(lift):
+        while any(abs(fx - px) < 0.1 and abs(fy + lift / 250 - ly) < 0.03 for px, ly, _, _ in placed):
             lift += 8.0  # one x-small line; the axes are about 250 points high
-        placed.append((fx, fy + lift / 250, names))
+        placed.append((fx, fy + lift / 250, fy, names))
         out.append((at, lift, names))
     return out
 
@@ -321,13 +317,18 @@ def plot_suite(frame: pd.DataFrame, *, x: str = "bytes_up", y: str = "psnr", col
         key = (round(math.log10(max(at[0], 1e-300)), 1), round(at[1], 0))
         spots.setdefault(key, [at]).append(str(r["scheme"]))
     for at, lift, names in _label_lifts(spots):
-        ax.annotate(", ".join(dict.fromkeys(names)), at, textcoords="offset points", xytext=(5, 3 + lift),
+        ax.annotate(", ".join(names), at, textcoords="offset points", xytext=(5, 3 + lift),
                     fontsize="x-small")
     if ys.isna().any():
         ax.axhline(floor, color="grey", linestyle="--", linewidth=0.8)
         ax.annotate("server reads no update", (0.01, floor), xycoords=("axes fraction", "data"), xytext=(0, -10),
                     textcoords="offset points", fontsize="x-small", color="grey")
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 1, 2, 5 per decade, no crowded minors
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:g} MB" if v >= 1e6 else
+                                               f"{v / 1e3:g} kB" if v >= 1e3 else f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel({"bytes_up": "bytes each client uploads per round", "bytes_down": "bytes each client downloads "
                    "per round"}.get(x, LABELS.get(x, x)))
     ax.set_ylabel(LABELS.get(y, y) + (" on one client's update" if y == "psnr" else ""))
