@@ -241,6 +241,11 @@ def test_the_benchmark_prints_its_table_and_writes_csv(tmp_path):
     assert lines["plain"][4] == "1.00x" and float(lines["plain"][5]) == 0  # float32 in the clear, no peers
     assert float(lines["secagg"][5]) > float(lines["secagg_plus"][5]) > 0  # bytes per peer: every pair vs k
     assert float(lines["secagg"][3].rstrip("x")) > 1 and lines["Bonawitz"][1] == "1.73x"
+    assert float(lines["secagg"][6]) < 1e-9  # SecAgg's bytes: the masked input at ring_bits(n) plus a + b n, exactly
+    both = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aggregation_suite.py"), "--quick",
+                           "--expansion-only", "--no-expansion"], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=ROOT)
+    assert both.returncode != 0 and "exclude each other" in both.stderr
 
 
 def test_the_real_schemes_through_the_suite_secure_distributed_dp_and_ckks():
