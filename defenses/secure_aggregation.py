@@ -83,7 +83,9 @@ class SecureAggregation(WireAggregator):
 
     History columns (``Aggregate.report``): ``secagg_bytes_<stage>`` (bytes up and down of that
     stage), ``secagg_dropped_<stage>``, ``secagg_threshold``, ``secagg_neighbours``,
-    ``secagg_ring_bits``, ``secagg_clipped`` (fraction of coordinates clipped), ``secagg_unopened``.
+    ``secagg_ring_bits``, ``secagg_clipped`` (fraction of coordinates clipped), ``secagg_unopened``,
+    ``secagg_client_seconds`` (the clients' protocol computation, summed over clients; their local
+    training excluded) and ``secagg_server_seconds`` (the server's).
     """
 
     name = "secagg"
@@ -148,7 +150,8 @@ class SecureAggregation(WireAggregator):
         report: dict[str, Any] = {f"secagg_bytes_{s}": out.bytes_up[s] + out.bytes_down[s] for s in STAGES}
         report.update({f"secagg_dropped_{s}": len(out.dropped[s]) for s in STAGES})
         report.update(secagg_threshold=out.threshold, secagg_neighbours=out.neighbours, secagg_ring_bits=out.bits,
-                      secagg_clipped=clipped, secagg_unopened=out.unopened)
+                      secagg_clipped=clipped, secagg_unopened=out.unopened,
+                      secagg_client_seconds=out.client_seconds, secagg_server_seconds=out.server_seconds)
         self._last = {"ring_bits": out.bits, "t": out.threshold, "k": out.neighbours}
         return Aggregate(update, out.included, sum(out.bytes_up.values()), sum(out.bytes_down.values()), report)
 

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from torch.func import functional_call, grad
@@ -215,6 +216,11 @@ def test_the_plot_draws_every_measured_row_and_puts_unreadable_ones_on_the_floor
     assert len(floor) == 1 and floor[0].get_ydata()[0] == pytest.approx(frame["psnr"].min() - 3)
     with pytest.raises(ValueError, match="no column 'watts'"):
         plot_suite(frame, x="watts")
+    rows = pd.DataFrame(frame.to_dict("records"))  # the rows, without the histories in attrs
+    twins = pd.concat([rows, rows.assign(scheme="twin")], ignore_index=True)  # the same spots twice
+    _, ax2 = plot_suite(twins)
+    labels = sorted(t.get_text() for t in ax2.texts)
+    assert len(ax2.texts) == 3 and "plain, twin" in labels and "sealed, twin" in labels
 
 
 @pytest.mark.skipif(not (ROOT / "benchmarks" / "aggregation_suite.py").exists(), reason="benchmark not written yet")
@@ -225,3 +231,48 @@ def test_the_benchmark_prints_its_table_and_writes_csv(tmp_path):
                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "Bonawitz" in proc.stdout and (tmp_path / "suite.csv").stat().st_size > 0
+    table = pd.read_csv(tmp_path / "suite.csv")
+    schemes = ["plain", "central_dp", "distributed_dp", "local_dp", "secagg", "secagg_plus", "ckks", "ckks_noise"]
+    assert table[["scheme", "clients"]].values.tolist() == [[s, n] for s in schemes for n in (4, 8)]
+    assert {"psnr", "epsilon_rdp", "final_accuracy", "bytes_up", "client_seconds", "server_seconds"} <= set(table)
+    assert (table.loc[table["scheme"].str.contains("dp"), "epsilon_rdp"] > 0).all()
+    assert table.loc[table["scheme"].isin(["plain", "secagg", "ckks"]), "epsilon_rdp"].isna().all()
+    lines = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[-8:] if line.strip()}
+    assert lines["plain"][4] == "1.00x" and float(lines["plain"][5]) == 0  # float32 in the clear, no peers
+    assert float(lines["secagg"][5]) > float(lines["secagg_plus"][5]) > 0  # bytes per peer: every pair vs k
+    assert float(lines["secagg"][3].rstrip("x")) > 1 and lines["Bonawitz"][1] == "1.73x"
+    assert float(lines["secagg"][6]) < 1e-9  # SecAgg's bytes: the masked input at ring_bits(n) plus a + b n, exactly
+    both = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aggregation_suite.py"), "--quick",
+                           "--expansion-only", "--no-expansion"], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=ROOT)
+    assert both.returncode != 0 and "exclude each other" in both.stderr
+
+
+def test_the_real_schemes_through_the_suite_secure_distributed_dp_and_ckks():
+    from defenses import DPAggregation, HomomorphicAggregation, SecureAggregation
+    schemes = {"plain": lambda c, n: PlainSum(), "secagg": lambda c, n: SecureAggregation(bound=4.0),
+               "distributed_dp": lambda c, n: DPAggregation.for_config(
+                   c, n, inner=SecureAggregation(bound=4.0), mode="distributed", clip=1.0, noise_multiplier=1.0,
+                   accountants=("rdp",)),
+               "ckks": lambda c, n: HomomorphicAggregation()}
+    frame = aggregation_suite(schemes, smoke(clients=(4,)), leakage=DLG_SHORT)
+    rows = frame.set_index("scheme")
+    assert (rows["status"] == "ok").all() and rows.loc["plain", "psnr"] > 40
+    for name in ("secagg", "distributed_dp", "ckks"):  # packed ring elements and ciphertexts: nothing to invert
+        assert rows.loc[name, "reading"].startswith("no update it can read") and math.isnan(rows.loc[name, "psnr"])
+    assert "masked-input" in rows.loc["secagg", "reading"] and "masked-input" not in rows.loc["ckks", "reading"]
+    assert abs(rows.loc["secagg", "final_accuracy"] - rows.loc["plain", "final_accuracy"]) <= 0.01
+    assert rows.loc["ckks", "bytes_up"] > 10 * rows.loc["plain", "bytes_up"]  # ciphertexts against float32
+    assert rows.loc["secagg", "bytes_up"] < rows.loc["plain", "bytes_up"]  # packed ring elements
+    assert (rows.loc[["secagg", "ckks"], "server_seconds"] > 0).all()
+    assert (rows.loc[["secagg", "ckks"], "client_seconds"] > 0).all()
+    history = frame.attrs["histories"]["secagg@4"]
+    assert (history["secagg_client_seconds"] > 0).all() and (history["secagg_server_seconds"] > 0).all()
+    # the suite's per-client compute holds local training and the protocol's client side
+    assert (history["client_seconds"] >= history["secagg_client_seconds"]).all()
+    dp = frame.attrs["histories"]["distributed_dp@4"]
+    assert rows.loc["distributed_dp", "epsilon_rdp"] == dp["epsilon_rdp"].iloc[-1] > dp["epsilon_rdp"].iloc[0] > 0
+    manifests = frame.attrs["manifests"]
+    assert manifests["secagg@4"]["protocol"] == "secagg" and manifests["secagg@4"]["ring_bits"] > 0
+    assert manifests["distributed_dp@4"]["dp"]["mode"] == "distributed"
+    assert rows.loc["distributed_dp", "protocol"] == "secagg" and rows.loc["ckks", "protocol"] != "plain"

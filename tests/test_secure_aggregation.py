@@ -30,6 +30,11 @@ def _uploads(m=7, d=40, seed=0, round=1):
                    torch.Generator().manual_seed(seed + 1))
 
 
+def _untimed(report):
+    """A round's report without its wall times (they vary from run to run)."""
+    return {k: v for k, v in report.items() if not k.endswith("_seconds")}
+
+
 def _weighted_mean(u, names):
     idx = [u.names.index(n) for n in names]
     w = u.weights[idx]
@@ -65,7 +70,7 @@ def test_dropouts_come_from_the_generator_and_the_mean_covers_exactly_the_surviv
     agg = SecureAggregation(threshold=3, dropout={"share": 0.15, "masked": 0.15, "unmask": 0.15})
     runs = [agg.over_wire(Wire(), _uploads(m=10, seed=s)) for s in (4, 4, 5)]
     assert runs[0].included == runs[1].included and torch.equal(runs[0].update, runs[1].update)  # seeded
-    assert runs[0].report == runs[1].report
+    assert _untimed(runs[0].report) == _untimed(runs[1].report)
     for s, out in zip((4, 4, 5), runs):
         u = _uploads(m=10, seed=s)
         mean, w = _weighted_mean(u, out.included)
@@ -145,3 +150,17 @@ def test_a_single_client_round_is_refused():
         SecureAggregation().over_wire(Wire(), _uploads(m=1))
     with pytest.raises(ValueError, match="SecAggPlus needs neighbours"):
         SecAggPlus(neighbours=None)
+
+
+def test_the_protocols_client_and_server_seconds_are_reported(clients):
+    import time
+    u = _uploads(m=6, d=40)
+    t = time.perf_counter()
+    small = SecureAggregation(threshold=3).over_wire(Wire(), u)
+    wall = time.perf_counter() - t
+    c, s = small.report["secagg_client_seconds"], small.report["secagg_server_seconds"]
+    assert c > 0 and s > 0 and c + s <= wall  # the parties' calls, inside the round's wall time
+    big = SecureAggregation(threshold=3).over_wire(Wire(), _uploads(m=6, d=200_000))
+    assert big.report["secagg_client_seconds"] > 5 * c  # masks expand with the vector's length
+    history = _fl(clients, SecureAggregation()).fit(rounds=2)
+    assert (history["secagg_client_seconds"] > 0).all() and (history["secagg_server_seconds"] > 0).all()

@@ -260,12 +260,35 @@ def _utility(history: pd.DataFrame, config: SuiteConfig) -> dict[str, float]:
             "time_to_target": math.nan if first is None else float(clock.iloc[first])}
 
 
+def _label_lifts(spots: dict) -> list[tuple[tuple[float, float], float, list[str]]]:
+    """(point, upward offset in points, names) per label: a label that would sit on an earlier one
+    (within a tenth of the log x range and 3% of the y range) moves up one line at a time; one
+    naming the same schemes as a label within 8% of the y range is dropped."""
+    points = [(v[0], list(dict.fromkeys(v[1:]))) for v in spots.values()]  # each scheme named once
+    lx = [math.log10(max(p[0], 1e-300)) for p, _ in points]
+    ys = [p[1] for p, _ in points]
+    wx, wy = max(max(lx) - min(lx), 1e-9), max(max(ys) - min(ys), 1e-9)
+    placed: list[tuple[float, float, float, list[str]]] = []  # label x, label y, its point's y, names
+    out = []
+    for (at, names), x in sorted(zip(points, lx), key=lambda item: (item[0][0][1], item[1])):
+        fx, fy = (x - min(lx)) / wx, (at[1] - min(ys)) / wy
+        if any(n == names and abs(fx - px) < 0.1 and abs(fy - py) < 0.08 for px, _, py, n in placed):
+            continue  # the same schemes are already named there
+        lift = 0.0
+        while any(abs(fx - px) < 0.1 and abs(fy + lift / 250 - ly) < 0.03 for px, ly, _, _ in placed):
+            lift += 8.0  # one x-small line; the axes are about 250 points high
+        placed.append((fx, fy + lift / 250, fy, names))
+        out.append((at, lift, names))
+    return out
+
+
 def plot_suite(frame: pd.DataFrame, *, x: str = "bytes_up", y: str = "psnr", colour: str = "final_accuracy",
                ax: Any = None) -> tuple[Any, Any]:
     """Leakage against bandwidth against accuracy: one point per measured (scheme, n), ``x`` on a log
     scale, ``colour`` as its colour (grey: not trained), one marker per n, each labelled with its
-    scheme. Rows whose ``y`` is NaN (the server read no update: a ciphertext) sit on a dashed line
-    below the lowest measured value. Returns (fig, ax)."""
+    scheme (the schemes of points on nearly the same spot share one label). Rows whose ``y`` is NaN
+    (the server read no update: a ciphertext) sit on a dashed line below the lowest measured value.
+    Returns (fig, ax)."""
     from toolkit.plots._base import LABELS, _axes
 
     for col in (x, y, "scheme", "clients"):
@@ -288,14 +311,24 @@ def plot_suite(frame: pd.DataFrame, *, x: str = "bytes_up", y: str = "psnr", col
         if (sel & c.isna()).any():
             ax.scatter(shown.loc[sel & c.isna(), x], ys[sel & c.isna()].fillna(floor), facecolors="none",
                        edgecolors="grey", marker=mark, s=60, label=f"n = {n:,} (not trained)")
+    spots: dict[tuple[float, float], list[str]] = {}  # schemes drawn on (nearly) the same spot share one label
     for _, r in shown.iterrows():
-        ax.annotate(str(r["scheme"]), (r[x], r[y] if r[y] == r[y] else floor), textcoords="offset points",
-                    xytext=(5, 3), fontsize="x-small")
+        at = (float(r[x]), float(r[y]) if r[y] == r[y] else floor)
+        key = (round(math.log10(max(at[0], 1e-300)), 1), round(at[1], 0))
+        spots.setdefault(key, [at]).append(str(r["scheme"]))
+    for at, lift, names in _label_lifts(spots):
+        ax.annotate(", ".join(names), at, textcoords="offset points", xytext=(5, 3 + lift),
+                    fontsize="x-small")
     if ys.isna().any():
         ax.axhline(floor, color="grey", linestyle="--", linewidth=0.8)
         ax.annotate("server reads no update", (0.01, floor), xycoords=("axes fraction", "data"), xytext=(0, -10),
                     textcoords="offset points", fontsize="x-small", color="grey")
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 1, 2, 5 per decade, no crowded minors
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:g} MB" if v >= 1e6 else
+                                               f"{v / 1e3:g} kB" if v >= 1e3 else f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel({"bytes_up": "bytes each client uploads per round", "bytes_down": "bytes each client downloads "
                    "per round"}.get(x, LABELS.get(x, x)))
     ax.set_ylabel(LABELS.get(y, y) + (" on one client's update" if y == "psnr" else ""))

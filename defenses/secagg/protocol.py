@@ -63,6 +63,7 @@ import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
 import torch
@@ -96,6 +97,8 @@ class SecAggResult:
         answered: per stage, how many clients sent that round's message.
         bytes_up / bytes_down: per stage, bytes clients sent / the server sent (counted by the Wire).
         seconds: per stage, wall time of the round (clients and server, in this process).
+        client_seconds / server_seconds: the clients' (summed over clients) and the server's own
+            computation in the protocol's calls, timed call by call (the Wire's copying excluded).
         threshold: t; neighbours: k (n - 1 for SecAgg); bits: ring bits; unopened: commitments of
             clients that dropped after their masked input (they never opened them).
     """
@@ -112,6 +115,8 @@ class SecAggResult:
     bits: int
     unopened: int = 0
     extra: dict = field(default_factory=dict)
+    client_seconds: float = 0.0
+    server_seconds: float = 0.0
 
 
 def default_neighbours(n: int) -> int:
@@ -298,32 +303,44 @@ def secure_sum(wire: Wire, inputs: Tensor, names: Sequence[str], *, threshold, b
     def stop(stage: str) -> None:
         seconds[stage] = time.perf_counter() - seconds[stage]
 
+    clock = {"client": 0.0, "server": 0.0}
+
+    def timed(party: str, fn: Callable[..., Any], *args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            clock[party] += time.perf_counter() - t0
+
     ids = start("advertise")
-    senders, keys = ledger.gather("advertise", "secagg-keys", [(i, clients[i].advertise()) for i in ids])
-    key_lists = ledger.deliver("advertise", "secagg-keys", server.receive_keys(senders, keys))
+    advertised = [(i, timed("client", clients[i].advertise)) for i in ids]
+    senders, keys = ledger.gather("advertise", "secagg-keys", advertised)
+    key_lists = ledger.deliver("advertise", "secagg-keys", timed("server", server.receive_keys, senders, keys))
     stop("advertise")
 
     ids = start("share")
-    sent = [(i, clients[i].share_keys(key_lists[i])) for i in ids]
+    sent = [(i, timed("client", clients[i].share_keys, key_lists[i])) for i in ids]
     s_senders, shares = ledger.gather("share", "secagg-shares", [(i, m[0]) for i, m in sent])
     h_senders, hashes = ledger.gather("share", "secagg-seed-hash", [(i, m[1]) for i, m in sent])
-    recipients, fwd = server.receive_shares(s_senders, shares, h_senders, hashes)
+    recipients, fwd = timed("server", server.receive_shares, s_senders, shares, h_senders, hashes)
     forwarded = ledger.forward("share", "secagg-shares", recipients, fwd)
     stop("share")
 
     ids = start("masked")
-    sent = [(i, clients[i].masked_input(forwarded.get(i, empty_rows(SHARES)))) for i in ids]
+    sent = [(i, timed("client", clients[i].masked_input, forwarded.get(i, empty_rows(SHARES)))) for i in ids]
     m_senders, masked = ledger.gather("masked", "masked-input", [(i, m[0]) for i, m in sent])
     c_senders, commits = ledger.gather("masked", "secagg-commit", [(i, m[1]) for i, m in sent if m[1] is not None])
-    requests = server.receive_masked(m_senders, masked, c_senders, commits if commitments else None)
+    requests = timed("server", server.receive_masked, m_senders, masked, c_senders,
+                     commits if commitments else None)
     stop("masked")
 
     ids = start("unmask")
     requests = ledger.deliver("unmask", "secagg-survivors", requests)
-    sent = [(i, clients[i].unmask(requests[i])) for i in ids]
+    sent = [(i, timed("client", clients[i].unmask, requests[i])) for i in ids]
     u_senders, unmask = ledger.gather("unmask", "unmask-shares", [(i, m[0]) for i, m in sent])
     o_senders, openings = ledger.gather("unmask", "secagg-opening", [(i, m[1]) for i, m in sent if m[1] is not None])
-    total = server.receive_unmask(u_senders, unmask, o_senders, openings if commitments else None)
+    total = timed("server", server.receive_unmask, u_senders, unmask, o_senders,
+                  openings if commitments else None)
     stop("unmask")
 
     dropped, before = {}, set(names)
@@ -331,4 +348,5 @@ def secure_sum(wire: Wire, inputs: Tensor, names: Sequence[str], *, threshold, b
         dropped[s] = tuple(nm for nm in names if nm in before and nm in schedule[s])
         before -= schedule[s]
     return SecAggResult(total, tuple(names[i] for i in server.u3), dropped, answered, dict(ledger.up),
-                        dict(ledger.down), seconds, t, k, bits, server.unopened)
+                        dict(ledger.down), seconds, t, k, bits, server.unopened,
+                        client_seconds=clock["client"], server_seconds=clock["server"])
