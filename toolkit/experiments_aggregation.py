@@ -316,9 +316,12 @@ def plot_suite(frame: pd.DataFrame, *, x: str = "bytes_up", y: str = "psnr", col
         at = (float(r[x]), float(r[y]) if r[y] == r[y] else floor)
         key = (round(math.log10(max(at[0], 1e-300)), 1), round(at[1], 0))
         spots.setdefault(key, [at]).append(str(r["scheme"]))
+    logs = [math.log10(max(float(v), 1e-300)) for v in shown[x]]
+    middle = (min(logs) + max(logs)) / 2 if logs else 0.0
     for at, lift, names in _label_lifts(spots):
-        ax.annotate(", ".join(names), at, textcoords="offset points", xytext=(5, 3 + lift),
-                    fontsize="x-small")
+        right = math.log10(max(at[0], 1e-300)) > middle  # labels of the right-hand points go to their left
+        ax.annotate(", ".join(names), at, textcoords="offset points", xytext=(-5 if right else 5, 3 + lift),
+                    ha="right" if right else "left", fontsize="x-small")
     if ys.isna().any():
         ax.axhline(floor, color="grey", linestyle="--", linewidth=0.8)
         ax.annotate("server reads no update", (0.01, floor), xycoords=("axes fraction", "data"), xytext=(0, -10),
