@@ -10,18 +10,13 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from toolkit.distributed.launch import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(target: str, rank: int, world: int, port: int, args=(), *, env: dict | None = None) -> subprocess.Popen:

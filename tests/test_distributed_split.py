@@ -6,7 +6,6 @@ on the wire too; the server process holds only placeholders of the client's data
 labels in U-shaped and no client weights in the relay."""
 import math
 import multiprocessing
-import socket
 import time
 import traceback
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from toolkit.data import load
+from toolkit.distributed.launch import free_port
 from toolkit.distributed.split import (build, check_hosts, default_hosts, describe, shadow_dataset, shadow_parties,
                                        share_datasets, weights)
 from toolkit.distributed.split_cli import client_data, make_parts, noise
@@ -22,12 +22,6 @@ from toolkit.split import SplitConfig
 
 LAUNCH_TIMEOUT = 60.0  # seconds for a whole multi-process run (each process also waits <= 20 s per peer)
 ARGS = {"batch-size": 128, "lr": 0.1, "momentum": 0.9, "seed": 0, "epochs": 1}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_rank(argv: list[str], error_file: str) -> None:
